@@ -1,0 +1,88 @@
+"""Derived facts for the templates, computed once from the answers.
+
+Copier runs this hook in every rendering phase, including while question defaults and
+validators are rendered, before all answers exist: every answer is read with ``.get()``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import sys
+from typing import Any
+
+from copier_template_extensions import ContextHook
+
+# driver answer -> facts about it
+DRIVERS: dict[str, dict[str, Any]] = {
+    "asyncpg": {
+        "url_scheme": "postgresql+asyncpg",
+        "driver_requirement": "asyncpg>=0.30",
+        "database": "postgresql",
+    },
+    "psycopg": {
+        "url_scheme": "postgresql+psycopg",
+        "driver_requirement": "psycopg[binary]>=3.2",
+        "database": "postgresql",
+    },
+    "aiosqlite": {
+        "url_scheme": "sqlite+aiosqlite",
+        "driver_requirement": "aiosqlite>=0.20",
+        "database": "sqlite",
+    },
+}
+
+# Import names a package_name must not shadow: the standard library, what the service
+# depends on, and the top-level folders of the rendered project.
+RESERVED_PACKAGE_NAMES = sorted(
+    set(sys.stdlib_module_names)
+    | {
+        "aiosqlite",
+        "alembic",
+        "asgi_lifespan",
+        "asyncpg",
+        "fastapi",
+        "httpx",
+        "migrations",
+        "mypy",
+        "psycopg",
+        "pydantic",
+        "pydantic_settings",
+        "pytest",
+        "ruff",
+        "sqlalchemy",
+        "starlette",
+        "tests",
+        "uvicorn",
+    }
+)
+
+
+class DatabaseFacts(ContextHook):
+    """Adds driver facts and validation helpers to the rendering context."""
+
+    def hook(self, context: dict[str, Any]) -> None:
+        driver = context.get("db_driver") or "asyncpg"
+        facts = DRIVERS.get(driver, DRIVERS["asyncpg"])
+        is_postgres = facts["database"] == "postgresql"
+        db_name = context.get("db_name") or "app"
+        if is_postgres:
+            default_url = f"{facts['url_scheme']}://postgres@localhost:5432/{db_name}"
+        else:
+            default_url = f"{facts['url_scheme']}:///./{db_name}.db"
+        context.update(
+            {
+                "python_keywords": keyword.kwlist + keyword.softkwlist,
+                "reserved_package_names": RESERVED_PACKAGE_NAMES,
+                "driver_names": list(DRIVERS),
+                "database": facts["database"],
+                "is_postgres": is_postgres,
+                "is_sqlite": not is_postgres,
+                "url_scheme": facts["url_scheme"],
+                "driver_requirement": facts["driver_requirement"],
+                "default_database_url": default_url,
+                # The statement timeout is a PostgreSQL setting; SQLite has none.
+                "has_statement_timeout": is_postgres,
+                "use_alembic": context.get("migrations", "alembic") == "alembic",
+                "project_slug": (context.get("package_name") or "app").replace("_", "-"),
+            }
+        )

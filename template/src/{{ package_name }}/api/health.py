@@ -1,0 +1,61 @@
+"""Liveness and database readiness probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+# Upper bound for the whole readiness check, waiting for a pooled connection included.
+DB_CHECK_TIMEOUT_SECONDS = 2.0
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is up; says nothing about the database."""
+    return {"status": "ok"}
+
+
+def pool_status(engine: AsyncEngine) -> dict[str, int]:
+    """Figures of the engine's connection pool."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return {}
+    return {
+        "size": pool.size(),
+        "checked_in": pool.checkedin(),
+        "checked_out": pool.checkedout(),
+        "overflow": pool.overflow(),
+    }
+
+
+@router.get("/health/db", responses={503: {"description": "The database does not answer"}})
+async def health_db(request: Request) -> JSONResponse:
+    """The database answers `SELECT 1` within DB_CHECK_TIMEOUT_SECONDS."""
+    engine: AsyncEngine = request.app.state.engine
+    started = time.perf_counter()
+    body: dict[str, Any]
+    try:
+        async with asyncio.timeout(DB_CHECK_TIMEOUT_SECONDS), engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means "not ready"; the reason is logged, not returned
+        logger.warning("database check failed: %s: %s", type(exc).__name__, exc)
+        body = {"status": "unavailable", "error": type(exc).__name__}
+        status_code = 503
+    else:
+        body = {"status": "ok"}
+        status_code = 200
+    body["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    body["pool"] = pool_status(engine)
+    return JSONResponse(body, status_code=status_code)

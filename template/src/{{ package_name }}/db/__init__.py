@@ -1,0 +1,15 @@
+"""Database layer: declarative base, engine factory and sessions."""
+
+from .base import Base
+from .engine import make_engine
+from .session import SessionDep, get_db, get_sessionmaker, make_sessionmaker, session_scope
+
+__all__ = [
+    "Base",
+    "SessionDep",
+    "get_db",
+    "get_sessionmaker",
+    "make_engine",
+    "make_sessionmaker",
+    "session_scope",
+]
