@@ -1,0 +1,125 @@
+"""A PostgreSQL server for the suite: TEST_DATABASE_URL if something answers there,
+otherwise a throwaway cluster in a temporary directory, otherwise a clear failure."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+HOW_TO_PROVIDE = (
+    "Set TEST_DATABASE_URL to a PostgreSQL server where user may create databases "
+    "(e.g. postgresql://postgres@127.0.0.1:5432/postgres), or install the PostgreSQL "
+    "server binaries (Debian: apt-get install postgresql) so the suite can start its own."
+)
+
+
+class NoServerError(RuntimeError):
+    pass
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Something accepts TCP connections at the URL's host and port."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def find_bindir() -> Path | None:
+    """The directory holding initdb and pg_ctl, newest version first."""
+    candidates: list[Path] = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        if out.returncode == 0:
+            candidates.append(Path(out.stdout.strip()))
+    candidates += [
+        Path(p).parent
+        for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    ]
+    for directory in candidates:
+        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+            return directory
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThrowawayCluster:
+    """initdb + pg_ctl in a temp dir, as the `postgres` user when running as root
+    (PostgreSQL refuses to run as root). Trust auth, loopback only."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="pg-throwaway-", dir="/tmp"))
+        self.data = self.root / "data"
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise NoServerError(
+                    "running as root and there is no 'postgres' user to run a throwaway "
+                    "cluster as. " + HOW_TO_PROVIDE
+                ) from None
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.prefix, *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> str:
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+            "--auth=trust", "-E", "UTF8", "--no-sync",
+        )
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            "-c fsync=off -c max_connections=200"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
+            "-l", str(self.root / "server.log"), "-w", "start",
+        )
+        return self.url
+
+    def stop(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def provide() -> tuple[str, ThrowawayCluster | None]:
+    """An admin URL for the tests, and the cluster to stop afterwards (if one was started)."""
+    url = os.environ.get("TEST_DATABASE_URL", DEFAULT_URL)
+    if answers(url):
+        return url, None
+    bindir = find_bindir()
+    if bindir is None:
+        raise NoServerError(f"nothing answers at TEST_DATABASE_URL={url!r}. " + HOW_TO_PROVIDE)
+    cluster = ThrowawayCluster(bindir)
+    try:
+        return cluster.start(), cluster
+    except Exception:
+        cluster.stop()
+        raise

@@ -1,0 +1,146 @@
+"""What each answer adds or removes, without installing anything."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .helpers import REPO_ROOT, questions, render, variant_id, variants
+
+VARIANTS = list(variants())
+PKG = "my_service"
+
+ALWAYS = [
+    ".copier-answers.yml", ".env.example", ".gitignore", ".github/workflows/ci.yml",
+    "README.md", "docs/database.md", "pyproject.toml",
+    f"src/{PKG}/__init__.py", f"src/{PKG}/py.typed", f"src/{PKG}/config.py", f"src/{PKG}/main.py",
+    f"src/{PKG}/db/__init__.py", f"src/{PKG}/db/base.py", f"src/{PKG}/db/engine.py",
+    f"src/{PKG}/db/session.py", f"src/{PKG}/api/__init__.py", f"src/{PKG}/api/health.py", f"src/{PKG}/models/__init__.py",
+    "tests/__init__.py", "tests/conftest.py", "tests/test_health.py", "tests/test_naming.py",
+    "tests/test_session.py", "tests/test_settings.py",
+]
+POSTGRES_ONLY = ["docker-compose.yml", "tests/test_statement_timeout.py"]
+ALEMBIC_ONLY = [
+    "alembic.ini", "migrations/env.py", "migrations/script.py.mako",
+    "migrations/versions/.gitkeep", "tests/test_migrations.py",
+]
+EXAMPLE_ONLY = [
+    f"src/{PKG}/models/item.py", f"src/{PKG}/schemas.py", f"src/{PKG}/api/items.py",
+    "tests/test_items.py",
+]
+ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
+
+DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    data: dict[str, Any] = request.param
+    return data, render(tmp_path_factory.mktemp(variant_id(data)), **data)
+
+
+def files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    is_postgres = data["db_driver"] != "aiosqlite"
+    alembic = data["migrations"] == "alembic"
+    example = data["with_example"]
+    expected = set(ALWAYS)
+    groups = [
+        (POSTGRES_ONLY, is_postgres),
+        (ALEMBIC_ONLY, alembic),
+        (EXAMPLE_ONLY, example),
+        (ALEMBIC_AND_EXAMPLE, alembic and example),
+    ]
+    for group, present in groups:
+        if present:
+            expected |= set(group)
+    assert files(root) == expected
+
+
+def test_no_jinja_left_over(rendered: tuple[dict[str, Any], Path]) -> None:
+    _, root = rendered
+    for path in root.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            for marker in ("{{", "{%", "{#", "%}"):
+                assert marker not in text, f"{path.relative_to(root)} contains {marker!r}"
+
+
+def test_answers_file_records_the_answers(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    answers = yaml.safe_load((root / ".copier-answers.yml").read_text())
+    for name, value in data.items():
+        assert answers[name] == value
+    assert answers["_src_path"] == str(REPO_ROOT)
+    assert answers["_commit"]
+    for name, question in questions().items():
+        if name == "db_statement_timeout" and data["db_driver"] == "aiosqlite":
+            assert name not in answers
+        elif name not in data:
+            assert answers[name] == question["default"] or "{{" in str(question["default"])
+
+
+def test_dependencies_are_exactly_what_the_variant_needs(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    names = {re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["project"]["dependencies"]}
+    expected = {"fastapi", "uvicorn[standard]", "pydantic-settings", "sqlalchemy[asyncio]"}
+    expected.add(DRIVER_PACKAGES[data["db_driver"]])
+    if data["migrations"] == "alembic":
+        expected.add("alembic")
+    assert names == expected
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert project["tool"]["mypy"]["strict"] is True
+    assert project["tool"]["ruff"]["lint"]["select"]
+
+
+def test_env_example_lists_every_setting(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    config = (root / "src" / PKG / "config.py").read_text()
+    fields = set(re.findall(r"^    (database_url|db_\w+): ", config, re.M))
+    keys = set(re.findall(r"^([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
+    assert {f.upper() for f in fields} <= keys
+    assert ("DB_STATEMENT_TIMEOUT" in keys) == (data["db_driver"] != "aiosqlite")
+
+
+def test_compose_has_a_healthy_postgres(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    if data["db_driver"] == "aiosqlite":
+        assert not (root / "docker-compose.yml").exists()
+        return
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    db = compose["services"]["db"]
+    assert db["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+
+
+def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    workflow = root / ".github" / "workflows" / "ci.yml"
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = " ".join(s.get("run", "") for s in yaml.safe_load(workflow.read_text())["jobs"]["test"]["steps"])
+    for command in ("ruff check", "ruff format --check", "mypy", "pytest"):
+        assert command in steps
+    has_service = "services" in yaml.safe_load(workflow.read_text())["jobs"]["test"]
+    assert has_service == (data["db_driver"] != "aiosqlite")
+
+
+def test_template_paths_have_no_double_quotes() -> None:
+    for path in (REPO_ROOT / "template").rglob("*"):
+        assert '"' not in path.name, path

@@ -1,0 +1,41 @@
+"""Every variant, in an environment built only from its own pyproject.toml, passes its
+linters, the strict type check and its own tests against a real database."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import clean_env, render, variant_id, variants
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{output[-6000:]}"
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", list(variants()), ids=variant_id)
+def test_variant_passes_its_own_checks(
+    tmp_path: Path, pg_admin_url: str, data: dict[str, Any]
+) -> None:
+    root = render(tmp_path / "service", **data)
+    env = clean_env(TEST_DATABASE_URL=pg_admin_url)
+    # `uv sync` builds .venv from the rendered pyproject.toml alone (project + dev group).
+    run(["uv", "sync", "--quiet"], root, env)
+    tool = ["uv", "run", "--no-sync"]
+    run([*tool, "ruff", "check", "."], root, env)
+    run([*tool, "ruff", "format", "--check", "."], root, env)
+    run([*tool, "mypy"], root, env)
+    output = run([*tool, "pytest", "-q", "-p", "no:cacheprovider"], root, env)
+    summary = output.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary), summary
+    # A skipped or xfailed test would hide an untested part of the variant.
+    for word in ("skipped", "xfailed", "xpassed", "deselected", "error"):
+        assert word not in summary, summary
