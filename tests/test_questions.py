@@ -39,7 +39,7 @@ BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     ({"package_name": "sqlalchemy"}, r"question 'package_name'.*shadow a module"),
     ({"db_name": "my-db"}, r"question 'db_name'.*lowercase letters"),
     ({"db_name": "Orders"}, r"question 'db_name'.*lowercase letters"),
-    ({"db_name": "a" * 51}, r"question 'db_name'.*at most 50"),
+    ({"db_name": "a" * 50}, r"question 'db_name'.*at most 49"),
     ({"project_name": "  "}, r"question 'project_name'.*empty"),
     ({"project_name": 'say "hi"'}, r"question 'project_name'.*double quotes"),
     # unknown choices
