@@ -43,8 +43,7 @@ def find_bindir() -> Path | None:
         if out.returncode == 0:
             candidates.append(Path(out.stdout.strip()))
     candidates += [
-        Path(p).parent
-        for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+        Path(p).parent for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
     ]
     for directory in candidates:
         if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
@@ -88,23 +87,39 @@ class ThrowawayCluster:
 
     def start(self) -> str:
         self._run(
-            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-            "--auth=trust", "-E", "UTF8", "--no-sync",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
         )
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
             "-c fsync=off -c max_connections=200"
         )
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
-            "-l", str(self.root / "server.log"), "-w", "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "start",
         )
         return self.url
 
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+                self._run(
+                    str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"
+                )
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

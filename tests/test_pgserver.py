@@ -19,7 +19,9 @@ def test_throwaway_cluster_starts_answers_and_is_removed() -> None:
         assert pgserver.answers(url)
         out = subprocess.run(
             [str(bindir / "psql"), url, "-Atc", "SELECT 40 + 2"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert out.stdout.strip() == "42"
     finally:
@@ -39,7 +41,9 @@ def test_provide_prefers_a_server_that_answers(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_provide_starts_a_cluster_when_nothing_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{pgserver.free_port()}/postgres")
+    monkeypatch.setenv(
+        "TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{pgserver.free_port()}/postgres"
+    )
     url, cluster = pgserver.provide()
     try:
         assert cluster is not None
@@ -50,7 +54,9 @@ def test_provide_starts_a_cluster_when_nothing_answers(monkeypatch: pytest.Monke
 
 
 def test_no_server_and_no_binaries_is_a_clear_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{pgserver.free_port()}/postgres")
+    monkeypatch.setenv(
+        "TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{pgserver.free_port()}/postgres"
+    )
     monkeypatch.setattr(pgserver, "find_bindir", lambda: None)
     with pytest.raises(pgserver.NoServerError, match="TEST_DATABASE_URL"):
         pgserver.provide()

@@ -69,8 +69,18 @@ def test_cli_refuses_a_bad_answer_naming_the_question(tmp_path: Path) -> None:
     dst = tmp_path / "service"
     result = subprocess.run(
         [
-            sys.executable, "-m", "copier", "copy", "--trust", "--defaults", "--vcs-ref", "HEAD",
-            "--data", "db_pool_size=abc", str(REPO_ROOT), str(dst),
+            sys.executable,
+            "-m",
+            "copier",
+            "copy",
+            "--trust",
+            "--defaults",
+            "--vcs-ref",
+            "HEAD",
+            "--data",
+            "db_pool_size=abc",
+            str(REPO_ROOT),
+            str(dst),
         ],
         capture_output=True,
         text=True,
@@ -82,7 +92,11 @@ def test_cli_refuses_a_bad_answer_naming_the_question(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("project_name", "package_name"),
-    [("My Service", "my_service"), ("Order-Tracker 2", "order_tracker_2"), ("3D Prints", "svc_3d_prints")],
+    [
+        ("My Service", "my_service"),
+        ("Order-Tracker 2", "order_tracker_2"),
+        ("3D Prints", "svc_3d_prints"),
+    ],
 )
 def test_package_and_db_names_derive_from_the_project_name(
     tmp_path: Path, project_name: str, package_name: str

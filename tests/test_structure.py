@@ -18,21 +18,43 @@ VARIANTS = list(variants())
 PKG = "my_service"
 
 ALWAYS = [
-    ".copier-answers.yml", ".env.example", ".gitignore", ".github/workflows/ci.yml",
-    "README.md", "docs/database.md", "pyproject.toml",
-    f"src/{PKG}/__init__.py", f"src/{PKG}/py.typed", f"src/{PKG}/config.py", f"src/{PKG}/main.py",
-    f"src/{PKG}/db/__init__.py", f"src/{PKG}/db/base.py", f"src/{PKG}/db/engine.py",
-    f"src/{PKG}/db/session.py", f"src/{PKG}/api/__init__.py", f"src/{PKG}/api/health.py", f"src/{PKG}/models/__init__.py",
-    "tests/__init__.py", "tests/conftest.py", "tests/test_health.py", "tests/test_naming.py",
-    "tests/test_session.py", "tests/test_settings.py",
+    ".copier-answers.yml",
+    ".env.example",
+    ".gitignore",
+    ".github/workflows/ci.yml",
+    "README.md",
+    "docs/database.md",
+    "pyproject.toml",
+    f"src/{PKG}/__init__.py",
+    f"src/{PKG}/py.typed",
+    f"src/{PKG}/config.py",
+    f"src/{PKG}/main.py",
+    f"src/{PKG}/db/__init__.py",
+    f"src/{PKG}/db/base.py",
+    f"src/{PKG}/db/engine.py",
+    f"src/{PKG}/db/session.py",
+    f"src/{PKG}/api/__init__.py",
+    f"src/{PKG}/api/health.py",
+    f"src/{PKG}/models/__init__.py",
+    "tests/__init__.py",
+    "tests/conftest.py",
+    "tests/test_health.py",
+    "tests/test_naming.py",
+    "tests/test_session.py",
+    "tests/test_settings.py",
 ]
 POSTGRES_ONLY = ["docker-compose.yml", "tests/test_statement_timeout.py"]
 ALEMBIC_ONLY = [
-    "alembic.ini", "migrations/env.py", "migrations/script.py.mako",
-    "migrations/versions/.gitkeep", "tests/test_migrations.py",
+    "alembic.ini",
+    "migrations/env.py",
+    "migrations/script.py.mako",
+    "migrations/versions/.gitkeep",
+    "tests/test_migrations.py",
 ]
 EXAMPLE_ONLY = [
-    f"src/{PKG}/models/item.py", f"src/{PKG}/schemas.py", f"src/{PKG}/api/items.py",
+    f"src/{PKG}/models/item.py",
+    f"src/{PKG}/schemas.py",
+    f"src/{PKG}/api/items.py",
     "tests/test_items.py",
 ]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
@@ -41,7 +63,9 @@ DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlit
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
-def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+def rendered(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path]:
     data: dict[str, Any] = request.param
     return data, render(tmp_path_factory.mktemp(variant_id(data)), **data)
 
@@ -91,10 +115,14 @@ def test_answers_file_records_the_answers(rendered: tuple[dict[str, Any], Path])
             assert answers[name] == question["default"] or "{{" in str(question["default"])
 
 
-def test_dependencies_are_exactly_what_the_variant_needs(rendered: tuple[dict[str, Any], Path]) -> None:
+def test_dependencies_are_exactly_what_the_variant_needs(
+    rendered: tuple[dict[str, Any], Path],
+) -> None:
     data, root = rendered
     project = tomllib.loads((root / "pyproject.toml").read_text())
-    names = {re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["project"]["dependencies"]}
+    names = {
+        re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["project"]["dependencies"]
+    }
     expected = {"fastapi", "uvicorn[standard]", "pydantic-settings", "sqlalchemy[asyncio]"}
     expected.add(DRIVER_PACKAGES[data["db_driver"]])
     if data["migrations"] == "alembic":
@@ -129,12 +157,21 @@ def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], 
     data, root = rendered
     workflow = root / ".github" / "workflows" / "ci.yml"
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(workflow),
+        ],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    steps = " ".join(s.get("run", "") for s in yaml.safe_load(workflow.read_text())["jobs"]["test"]["steps"])
+    steps = " ".join(
+        s.get("run", "") for s in yaml.safe_load(workflow.read_text())["jobs"]["test"]["steps"]
+    )
     for command in ("ruff check", "ruff format --check", "mypy", "pytest"):
         assert command in steps
     has_service = "services" in yaml.safe_load(workflow.read_text())["jobs"]["test"]
