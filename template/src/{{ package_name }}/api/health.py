@@ -28,7 +28,8 @@ async def health() -> dict[str, str]:
 
 
 def pool_status(engine: AsyncEngine) -> dict[str, int]:
-    """Figures of the engine's connection pool."""
+    """Figures of the engine's connection pool: its configured size, idle and in-use
+    connections, and how many connections are open beyond the size."""
     pool = engine.pool
     if not isinstance(pool, QueuePool):
         return {}
@@ -36,7 +37,8 @@ def pool_status(engine: AsyncEngine) -> dict[str, int]:
         "size": pool.size(),
         "checked_in": pool.checkedin(),
         "checked_out": pool.checkedout(),
-        "overflow": pool.overflow(),
+        # QueuePool counts overflow from -size upwards; report only connections beyond size.
+        "overflow": max(0, pool.overflow()),
     }
 
 
