@@ -65,10 +65,14 @@ class DatabaseFacts(ContextHook):
         facts = DRIVERS.get(driver, DRIVERS["asyncpg"])
         is_postgres = facts["database"] == "postgresql"
         db_name = context.get("db_name") or "app"
+        # The same URL with the driver left out: what .env.example shows, so that a .env
+        # written for one PostgreSQL driver keeps working after switching to the other.
         if is_postgres:
-            default_url = f"{facts['url_scheme']}://postgres@localhost:5432/{db_name}"
+            portable_url = f"postgresql://postgres@localhost:5432/{db_name}"
         else:
-            default_url = f"{facts['url_scheme']}:///./{db_name}.db"
+            portable_url = f"sqlite:///./{db_name}.db"
+        rest = portable_url.split(":", 1)[1]
+        default_url = facts["url_scheme"] + ":" + rest
         context.update(
             {
                 "python_keywords": keyword.kwlist + keyword.softkwlist,
@@ -80,6 +84,7 @@ class DatabaseFacts(ContextHook):
                 "url_scheme": facts["url_scheme"],
                 "driver_requirement": facts["driver_requirement"],
                 "default_database_url": default_url,
+                "portable_database_url": portable_url,
                 # The statement timeout is a PostgreSQL setting; SQLite has none.
                 "has_statement_timeout": is_postgres,
                 "use_alembic": context.get("migrations", "alembic") == "alembic",

@@ -40,6 +40,7 @@ ALWAYS = [
     "tests/conftest.py",
     "tests/test_health.py",
     "tests/test_naming.py",
+    "tests/test_no_update_conflicts.py",
     "tests/test_session.py",
     "tests/test_settings.py",
 ]

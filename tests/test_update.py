@@ -1,0 +1,366 @@
+"""`copier update` brings template changes into existing services without losing their work.
+
+Every test builds its own template repository with its own tags (1.0.0, 2.0.0); none uses
+this repository's tags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from copier.errors import UserMessageError
+
+from .helpers import clean_env, render, variant_id
+from .updates import (
+    TemplateRepo,
+    commit_all,
+    copy_service,
+    git,
+    previous_release,
+    tree,
+    unmerged,
+    update_service,
+)
+
+PKG = "my_service"
+BASE_PY = f"src/{PKG}/db/base.py"
+OWN_FILES = {
+    f"src/{PKG}/models/order.py": '"""Orders: the owner\'s own model."""\n',
+    "migrations/versions/20260301_0002_add_orders.py": '"""Add orders: the owner\'s revision."""\n',
+    f"src/{PKG}/api/orders.py": '"""Orders API: the owner\'s router."""\n',
+}
+OWNER_ENV = "DATABASE_URL=postgresql://app:local-only@db.internal:5432/app\n"
+README_NOTES = "\n## Team notes\n\nOn call: the database team.\n"
+
+
+def answers(service: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((service / ".copier-answers.yml").read_text())
+    return data
+
+
+def guard(service: Path) -> subprocess.CompletedProcess[str]:
+    """Run the service's conflict guard (stdlib only) without its conftest or settings."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(service),
+            "--noconftest",
+            "tests/test_no_update_conflicts.py",
+        ],
+        cwd=service,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+    )
+
+
+@dataclass
+class Scenario:
+    template: TemplateRepo
+    service: Path
+    fresh_v2: Path
+    before: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    """A service rendered from 1.0.0, worked on by its owner, then updated to 2.0.0."""
+    root = tmp_path_factory.mktemp("update")
+    template = TemplateRepo(root / "template")
+    template.load_working_tree()
+    template.release("1.0.0")
+    service = copy_service(template.path, root / "service", "1.0.0")
+
+    # The owner's work: an edit the template will not touch, an edit it will clash with,
+    # new files of their own, and a local .env (git-ignored, so not committed).
+    readme = service / "README.md"
+    readme.write_text(readme.read_text() + README_NOTES)
+    base = service / BASE_PY
+    base.write_text(base.read_text().replace('"pk_%(table_name)s"', '"pk_%(table_name)s_owner"'))
+    for name, text in OWN_FILES.items():
+        (service / name).write_text(text)
+    (service / ".env").write_text(OWNER_ENV)
+    commit_all(service, "the owner's work")
+    before = tree(service)
+
+    # Template 2.0.0: a change to a file the owner never touched, a change to the line the
+    # owner changed, and a change to .env.example.
+    template.append("template/docs/database.md.jinja", "\n## Backups\n\nTake them.\n")
+    template.edit(
+        "template/src/{{ package_name }}/db/base.py",
+        '"pk_%(table_name)s"',
+        '"pkey_%(table_name)s"',
+    )
+    template.append("template/.env.example.jinja", "# Added in 2.0.0.\n")
+    template.release("2.0.0")
+
+    update_service(service)
+    fresh_v2 = render(root / "fresh", src=template.path, vcs_ref="2.0.0")
+    return Scenario(template, service, fresh_v2, before)
+
+
+def test_update_records_the_new_version(scenario: Scenario) -> None:
+    recorded = answers(scenario.service)
+    assert recorded["_commit"] == "2.0.0"
+    assert recorded["_src_path"] == str(scenario.template.path)
+
+
+def test_change_to_an_untouched_file_arrives_unchanged(scenario: Scenario) -> None:
+    doc = "docs/database.md"
+    assert (scenario.service / doc).read_bytes() == (scenario.fresh_v2 / doc).read_bytes()
+    assert "## Backups" in (scenario.service / doc).read_text()
+
+
+def test_owner_edit_in_a_file_the_template_did_not_change_survives(scenario: Scenario) -> None:
+    assert (scenario.service / "README.md").read_text().endswith(README_NOTES)
+
+
+def test_clashing_edits_are_a_conflict_that_the_guard_reports(scenario: Scenario) -> None:
+    text = (scenario.service / BASE_PY).read_text()
+    assert "<<<<<<< before updating" in text
+    assert ">>>>>>> after updating" in text
+    assert "pk_%(table_name)s_owner" in text
+    assert "pkey_%(table_name)s" in text
+    assert unmerged(scenario.service) == [BASE_PY]
+    result = guard(scenario.service)
+    assert result.returncode == 1, result.stdout
+    assert BASE_PY in result.stdout
+
+
+def test_owner_files_survive_untouched(scenario: Scenario) -> None:
+    for name, text in OWN_FILES.items():
+        assert (scenario.service / name).read_text() == text
+
+
+def test_env_is_never_overwritten(scenario: Scenario) -> None:
+    assert (scenario.service / ".env").read_text() == OWNER_ENV
+    assert (scenario.service / ".env.example").read_text().endswith("# Added in 2.0.0.\n")
+
+
+def test_everything_else_matches_a_fresh_copy(scenario: Scenario) -> None:
+    updated, fresh = tree(scenario.service), tree(scenario.fresh_v2)
+    owner = {*OWN_FILES, ".env", "README.md", BASE_PY}
+    assert set(updated) - owner == set(fresh) - owner
+    for name in set(fresh) - owner:
+        assert updated[name] == fresh[name], name
+
+
+def test_rej_conflicts_are_reported_by_the_guard(tmp_path: Path, scenario: Scenario) -> None:
+    service = copy_service(scenario.template.path, tmp_path / "service", "1.0.0")
+    base = service / BASE_PY
+    base.write_text(base.read_text().replace('"pk_%(table_name)s"', '"pk_%(table_name)s_x"'))
+    commit_all(service, "owner edit")
+    update_service(service, conflict="rej")
+    assert (service / f"{BASE_PY}.rej").exists()
+    result = guard(service)
+    assert result.returncode == 1
+    assert f"{BASE_PY}.rej" in result.stdout
+
+
+def test_guard_passes_on_a_clean_service(scenario: Scenario) -> None:
+    result = guard(scenario.fresh_v2)
+    assert result.returncode == 0, result.stdout
+
+
+def test_updating_an_up_to_date_service_changes_nothing(tmp_path: Path, scenario: Scenario) -> None:
+    service = copy_service(scenario.template.path, tmp_path / "service", "2.0.0")
+    before = tree(service)
+    update_service(service)
+    assert git(service, "status", "--porcelain") == ""
+    assert tree(service) == before
+
+
+def test_update_refuses_a_dirty_service(tmp_path: Path, scenario: Scenario) -> None:
+    service = copy_service(scenario.template.path, tmp_path / "service", "1.0.0")
+    (service / "README.md").write_text("uncommitted\n")
+    with pytest.raises(UserMessageError, match=r"[Dd]irty"):
+        update_service(service)
+    assert (service / "README.md").read_text() == "uncommitted\n"
+    assert answers(service)["_commit"] == "1.0.0"
+
+
+# --- _migrations: a renamed question and a moved file -------------------------------------
+
+MIGRATE = '["{{ _copier_python }}", "{{ _copier_conf.src_path }}/scripts/migrate.py"'
+MIGRATIONS = f"""_migrations:
+  - version: "2.0.0"
+    when: "{{{{ _stage == 'before' }}}}"
+    command: {MIGRATE}, "rename-answer", "db_echo", "db_log_sql"]
+  - version: "2.0.0"
+    command: {MIGRATE}, "move-file", "docs/database.md", "docs/guide/database.md"]
+"""
+RUNBOOK = "\n## Our runbook\n\nPage the on-call DBA.\n"
+
+
+def rename_question(template: TemplateRepo, old: str, new: str) -> None:
+    """Rename a question in copier.yml and every Jinja reference to it."""
+    copier_yml = template.path / "copier.yml"
+    copier_yml.write_text(re.sub(rf"\b{old}\b", new, copier_yml.read_text()))
+    reference = re.compile(rf"(\{{\{{-?\s*|\{{%-?\s*(?:el)?if\s+(?:not\s+)?){old}\b")
+    for path in (template.path / "template").rglob("*.jinja"):
+        text = path.read_text()
+        if reference.search(text):
+            path.write_text(reference.sub(rf"\g<1>{new}", text))
+
+
+@pytest.mark.parametrize("with_migrations", [True, False], ids=["migrations", "no-migrations"])
+def test_migrations_keep_a_renamed_answer_and_a_moved_files_edits(
+    tmp_path: Path, with_migrations: bool
+) -> None:
+    template = TemplateRepo(tmp_path / "template")
+    template.load_working_tree()
+    template.release("1.0.0")
+    service = copy_service(template.path, tmp_path / "service", "1.0.0", db_echo=True)
+    doc = service / "docs" / "database.md"
+    doc.write_text(doc.read_text() + RUNBOOK)
+    commit_all(service, "our runbook")
+
+    rename_question(template, "db_echo", "db_log_sql")
+    moved = template.path / "template" / "docs" / "guide" / "database.md.jinja"
+    moved.parent.mkdir()
+    (template.path / "template" / "docs" / "database.md.jinja").rename(moved)
+    if with_migrations:
+        template.edit("copier.yml", "_migrations: []\n", MIGRATIONS)
+    template.release("2.0.0")
+    update_service(service)
+
+    recorded = answers(service)
+    assert "db_echo" not in recorded
+    assert not doc.exists()
+    new_doc = (service / "docs" / "guide" / "database.md").read_text()
+    config = (service / "src" / PKG / "config.py").read_text()
+    if with_migrations:
+        assert recorded["db_log_sql"] is True
+        assert "    db_echo: bool = True\n" in config
+        assert new_doc.endswith(RUNBOOK)
+    else:
+        # What the migrations prevent: the answer falls back to its default, the edits are gone.
+        assert recorded["db_log_sql"] is False
+        assert RUNBOOK not in new_doc
+    assert unmerged(service) == []
+
+
+# --- Switching answers, and the update from the previous release (slow) -------------------
+
+OWNER_MODULE = f"src/{PKG}/clock.py"
+OWNER_TEST = "tests/test_clock.py"
+OWNER_CODE = {
+    OWNER_MODULE: '''"""The owner's own code."""
+
+from datetime import UTC, datetime
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+''',
+    OWNER_TEST: f"""from {PKG}.clock import now
+
+
+def test_now_is_aware() -> None:
+    assert now().tzinfo is not None
+""",
+}
+
+SWITCHES = [
+    ({"db_driver": "asyncpg"}, {"db_driver": "psycopg"}),
+    ({"db_driver": "psycopg"}, {"db_driver": "aiosqlite"}),
+    ({"migrations": "none"}, {"migrations": "alembic"}),
+    ({"with_example": True}, {"with_example": False}),
+]
+
+
+def run_own_tests(service: Path, pg_admin_url: str) -> str:
+    env = clean_env(TEST_DATABASE_URL=pg_admin_url)
+    for cmd in (
+        ["uv", "sync", "--quiet"],
+        ["uv", "run", "--no-sync", "pytest", "-q", "-p", "no:cacheprovider"],
+    ):
+        result = subprocess.run(cmd, cwd=service, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary), summary
+    assert "skipped" not in summary, summary
+    return summary
+
+
+@pytest.fixture(scope="module")
+def current_template(tmp_path_factory: pytest.TempPathFactory) -> TemplateRepo:
+    template = TemplateRepo(tmp_path_factory.mktemp("current") / "template")
+    template.load_working_tree()
+    template.release("1.0.0")
+    return template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("old", "new"), SWITCHES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items())
+)
+def test_switching_answers_equals_a_fresh_copy(
+    tmp_path: Path,
+    current_template: TemplateRepo,
+    pg_admin_url: str,
+    old: dict[str, Any],
+    new: dict[str, Any],
+) -> None:
+    service = copy_service(current_template.path, tmp_path / "service", "1.0.0", **old)
+    for name, text in OWNER_CODE.items():
+        (service / name).write_text(text)
+    commit_all(service, "the owner's code")
+
+    update_service(service, data=new)
+    fresh = render(tmp_path / "fresh", src=current_template.path, vcs_ref="1.0.0", **new)
+    assert unmerged(service) == []
+    updated = tree(service)
+    assert {k: v for k, v in updated.items() if k not in OWNER_CODE} == tree(fresh)
+    for name, text in OWNER_CODE.items():
+        assert updated[name] == text.encode()
+    run_own_tests(service, pg_admin_url)
+
+
+RELEASE_VARIANTS = [
+    {"db_driver": "asyncpg", "migrations": "alembic", "with_example": True},
+    {"db_driver": "psycopg", "migrations": "none", "with_example": False},
+    {"db_driver": "aiosqlite", "migrations": "alembic", "with_example": True},
+]
+
+
+@pytest.fixture(scope="module")
+def release_template(tmp_path_factory: pytest.TempPathFactory) -> TemplateRepo:
+    """1.0.0 = the newest release in CHANGELOG.md, 2.0.0 = this working tree."""
+    _, commit = previous_release()
+    template = TemplateRepo(tmp_path_factory.mktemp("release") / "template")
+    template.load_commit(commit)
+    template.release("1.0.0")
+    template.load_working_tree()
+    template.release("2.0.0")
+    return template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", RELEASE_VARIANTS, ids=variant_id)
+def test_update_from_the_previous_release(
+    tmp_path: Path, release_template: TemplateRepo, pg_admin_url: str, data: dict[str, Any]
+) -> None:
+    service = copy_service(release_template.path, tmp_path / "service", "1.0.0", **data)
+    update_service(service)
+    assert answers(service)["_commit"] == "2.0.0"
+    assert unmerged(service) == []
+    fresh = render(tmp_path / "fresh", src=release_template.path, vcs_ref="2.0.0", **data)
+    assert tree(service) == tree(fresh)
+    run_own_tests(service, pg_admin_url)
