@@ -13,6 +13,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
+from ..db.engine import read_only
+from ..db.errors import describe, stats
+
 # Upper bound for the whole readiness check, waiting for a pooled connection included.
 DB_CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -42,22 +45,25 @@ def pool_status(engine: AsyncEngine) -> dict[str, int]:
     }
 
 
-@router.get("/health/db", responses={503: {"description": "The database does not answer"}})
+@router.get("/health/db", responses={503: {"description": "The database is not ready"}})
 async def health_db(request: Request) -> JSONResponse:
-    """The database answers `SELECT 1` within DB_CHECK_TIMEOUT_SECONDS."""
+    """Ready when the database answers `SELECT 1` within DB_CHECK_TIMEOUT_SECONDS and the
+    schema is in place. Reports pool figures, the round trip and connection failures."""
     engine: AsyncEngine = request.app.state.engine
+    db_stats = stats(request)
     started = time.perf_counter()
     body: dict[str, Any]
     try:
-        async with asyncio.timeout(DB_CHECK_TIMEOUT_SECONDS), engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        async with asyncio.timeout(DB_CHECK_TIMEOUT_SECONDS):
+            async with read_only(engine).connect() as connection:
+                await connection.execute(text("SELECT 1"))
     except Exception as exc:  # any failure means "not ready"; the reason is logged, not returned
-        logger.warning("database check failed: %s: %s", type(exc).__name__, exc)
+        db_stats.record(exc)
+        logger.warning("database check failed: %s", describe(exc))
         body = {"status": "unavailable", "error": type(exc).__name__}
-        status_code = 503
     else:
-        body = {"status": "ok"}
-        status_code = 200
+        body = {"status": "ok" if request.app.state.schema_ready else "starting"}
     body["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     body["pool"] = pool_status(engine)
-    return JSONResponse(body, status_code=status_code)
+    body["connection_failures"] = db_stats.connection_failures
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

@@ -51,6 +51,20 @@ async def get_db(
         yield session
 
 
+def get_read_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    """The session factory for read-only work (DATABASE_READ_URL, or the primary)."""
+    return cast(async_sessionmaker[AsyncSession], request.app.state.read_sessionmaker)
+
+
+async def get_read_db(
+    sessionmaker: Annotated[async_sessionmaker[AsyncSession], Depends(get_read_sessionmaker)],
+) -> AsyncIterator[AsyncSession]:
+    """One read-only session per request: the database refuses writes through it."""
+    async with session_scope(sessionmaker) as session:
+        yield session
+
+
 # scope="function" commits before the response is sent, so a failed commit turns into an
 # error response instead of following a success the client already received.
 SessionDep = Annotated[AsyncSession, Depends(get_db, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_db, scope="function")]

@@ -1,0 +1,201 @@
+"""Running a rendered service for real: a PostgreSQL cluster that can be stopped and
+started again, databases on a server, and the service under uvicorn as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from .helpers import clean_env
+from .pgserver import ThrowawayCluster, free_port
+
+# Every wait below is bounded by one of these.
+SERVICE_START_TIMEOUT = 30.0
+SERVICE_STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.05
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{output[-6000:]}"
+    return output
+
+
+class RestartableCluster(ThrowawayCluster):
+    """A ThrowawayCluster whose server can be stopped and started again on the same port
+    and data directory, as an operator restarting the database would."""
+
+    def _options(self) -> str:
+        # The same options as ThrowawayCluster.start: `pg_ctl start` does not reuse them.
+        return (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            "-c fsync=off -c max_connections=200"
+        )
+
+    def stop_server(self) -> None:
+        """Fast shutdown: open sessions are ended; returns once the server is gone."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def start_server(self) -> None:
+        """Start the stopped server without waiting: the caller times its readiness."""
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            self._options(),
+            "-l",
+            str(self.root / "server.log"),
+            "-W",
+            "start",
+        )
+
+
+def accepts_connections(url: str) -> bool:
+    """A client can log in and run a query (not merely open a TCP connection)."""
+    try:
+        with psycopg.connect(url, connect_timeout=1, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` with its database replaced by `name` (query parameters kept)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def create_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        conn.execute(query)
+
+
+class Service:
+    """`uv run --no-sync uvicorn <package>.main:app` in a rendered project, on a free
+    loopback port, with its output in a log file."""
+
+    def __init__(self, root: Path, log_path: Path, **env: str) -> None:
+        self.root = root
+        self.log_path = log_path
+        self.env = clean_env(**env)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> None:
+        cmd = [
+            *("uv", "run", "--no-sync", "uvicorn", "my_service.main:app"),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
+            *("--timeout-graceful-shutdown", "3"),
+        ]
+        with self.log_path.open("wb") as log:
+            # Own process group: stopping it reaches uvicorn under `uv run` too.
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        with httpx.Client(base_url=self.base_url, timeout=2) as client:
+            for _ in range(int(SERVICE_START_TIMEOUT / POLL_INTERVAL)):
+                if time.monotonic() > deadline:
+                    break
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"uvicorn exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/health").status_code == 200:
+                        return
+                time.sleep(POLL_INTERVAL)
+        raise AssertionError(
+            f"uvicorn did not answer /health within {SERVICE_START_TIMEOUT}s:\n{self.log()[-4000:]}"
+        )
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def running_service(root: Path, log_path: Path, **env: str) -> Iterator[Service]:
+    service = Service(root, log_path, **env)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+
+
+class ConnectionSampler(threading.Thread):
+    """Counts the server's connections to one database every `interval` seconds, on its
+    own connection to `admin_url` (another database, so it does not count itself)."""
+
+    def __init__(
+        self, admin_url: str, datname: str, interval: float = 0.02, max_samples: int = 10_000
+    ) -> None:
+        super().__init__(daemon=True)
+        self.admin_url = admin_url
+        self.datname = datname
+        self.interval = interval
+        self.max_samples = max_samples
+        self.samples: list[int] = []
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+                while not self._stop_event.is_set() and len(self.samples) < self.max_samples:
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                        (self.datname,),
+                    ).fetchone()
+                    assert row is not None
+                    self.samples.append(int(row[0]))
+                    self._stop_event.wait(self.interval)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self, timeout: float = 10) -> list[int]:
+        self._stop_event.set()
+        self.join(timeout)
+        assert not self.is_alive(), "the connection sampler did not stop"
+        if self.error is not None:
+            raise AssertionError(f"the connection sampler failed: {self.error!r}")
+        return self.samples
