@@ -5,6 +5,7 @@ copier leaves conflicts as inline markers or as `*.rej` files and still exits 0.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -14,10 +15,10 @@ MARKERS = ("<" * 7 + " ", ">" * 7 + " ")
 
 
 def project_files() -> list[Path]:
-    files = []
-    for path in PROJECT_ROOT.rglob("*"):
-        if path.is_file() and not SKIP_DIRS.intersection(path.relative_to(PROJECT_ROOT).parts):
-            files.append(path)
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(PROJECT_ROOT):
+        subfolders[:] = [d for d in subfolders if d not in SKIP_DIRS]  # never enter them
+        files.extend(Path(folder, name) for name in names)
     return files
 
 
