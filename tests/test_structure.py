@@ -181,7 +181,13 @@ def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], 
     steps = " ".join(
         s.get("run", "") for s in yaml.safe_load(workflow.read_text())["jobs"]["test"]["steps"]
     )
-    for command in ("ruff check", "ruff format --check", "mypy", "pytest"):
+    for command in (
+        "tests/test_no_update_conflicts.py",
+        "ruff check",
+        "ruff format --check",
+        "mypy",
+        "pytest",
+    ):
         assert command in steps
     has_service = "services" in yaml.safe_load(workflow.read_text())["jobs"]["test"]
     assert has_service == (data["db_driver"] != "aiosqlite")

@@ -6,7 +6,6 @@ this repository's tags.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -47,22 +46,9 @@ def answers(service: Path) -> dict[str, Any]:
 
 
 def guard(service: Path) -> subprocess.CompletedProcess[str]:
-    """Run the service's conflict guard (stdlib only) without its conftest or settings."""
+    """Run the service's conflict guard as its CI does: a plain script, standard library only."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-c",
-            os.devnull,
-            "--rootdir",
-            str(service),
-            "--noconftest",
-            "tests/test_no_update_conflicts.py",
-        ],
+        [sys.executable, "tests/test_no_update_conflicts.py"],
         cwd=service,
         env=clean_env(),
         capture_output=True,

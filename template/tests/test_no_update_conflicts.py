@@ -1,11 +1,14 @@
 """Guard: unresolved `copier update` conflicts must not be committed.
 
-copier leaves conflicts as inline markers or as `*.rej` files and still exits 0.
+copier leaves conflicts as inline markers or as `*.rej` files and still exits 0. Run it as a
+script too (`python3 tests/test_no_update_conflicts.py`): it needs only the standard library,
+so it works even when a marker in the code stops the test suite from importing.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +33,21 @@ def has_markers(path: Path) -> bool:
     return any(line.startswith(MARKERS) for line in lines)
 
 
-def test_no_update_conflicts_left() -> None:
-    problems = [
+def unresolved() -> list[str]:
+    """Files with conflict markers, and `.rej` files, relative to the project."""
+    return sorted(
         str(path.relative_to(PROJECT_ROOT))
         for path in project_files()
         if path.suffix == ".rej" or has_markers(path)
-    ]
+    )
+
+
+def test_no_update_conflicts_left() -> None:
+    problems = unresolved()
     assert not problems, "resolve these `copier update` conflicts first: " + ", ".join(problems)
+
+
+if __name__ == "__main__":
+    for problem in unresolved():
+        print(f"unresolved copier update conflict: {problem}")
+    sys.exit(1 if unresolved() else 0)
