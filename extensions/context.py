@@ -67,8 +67,11 @@ class DatabaseFacts(ContextHook):
         db_name = context.get("db_name") or "app"
         # The same URL with the driver left out: what .env.example shows, so that a .env
         # written for one PostgreSQL driver keeps working after switching to the other.
+        uses_pgbouncer = is_postgres and context.get("db_pooler") == "pgbouncer"
         if is_postgres:
-            portable_url = f"postgresql://postgres@localhost:5432/{db_name}"
+            # PgBouncer listens on 6432 by convention, PostgreSQL on 5432.
+            port = 6432 if uses_pgbouncer else 5432
+            portable_url = f"postgresql://postgres@localhost:{port}/{db_name}"
         else:
             portable_url = f"sqlite:///./{db_name}.db"
         rest = portable_url.split(":", 1)[1]
@@ -88,6 +91,8 @@ class DatabaseFacts(ContextHook):
                 # The statement timeout is a PostgreSQL setting; SQLite has none.
                 "has_statement_timeout": is_postgres,
                 "use_alembic": context.get("migrations", "alembic") == "alembic",
+                # Transaction pooling: no prepared statements, no session-level settings.
+                "uses_pgbouncer": uses_pgbouncer,
                 "project_slug": (context.get("package_name") or "app").replace("_", "-"),
             }
         )

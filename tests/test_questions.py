@@ -45,6 +45,7 @@ BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     # unknown choices
     ({"db_driver": "mysql"}, r"'db_driver'.*not in \['asyncpg', 'psycopg', 'aiosqlite'\]"),
     ({"migrations": "yoyo"}, r"'migrations'.*not in \['alembic', 'none'\]"),
+    ({"db_pooler": "pgpool"}, r"'db_pooler'.*not in \['none', 'pgbouncer'\]"),
 ]
 
 
@@ -108,8 +109,9 @@ def test_package_and_db_names_derive_from_the_project_name(
     assert (dst / "src" / package_name / "main.py").is_file()
 
 
-def test_statement_timeout_is_not_asked_for_sqlite(tmp_path: Path) -> None:
+def test_statement_timeout_and_pooler_are_not_asked_for_sqlite(tmp_path: Path) -> None:
     dst = render(tmp_path / "s", db_driver="aiosqlite")
     answers = yaml.safe_load((dst / ".copier-answers.yml").read_text())
     assert "db_statement_timeout" not in answers
+    assert "db_pooler" not in answers
     assert "STATEMENT_TIMEOUT" not in (dst / ".env.example").read_text()

@@ -117,7 +117,7 @@ def test_answers_file_records_the_answers(rendered: tuple[dict[str, Any], Path])
     assert answers["_src_path"] == str(REPO_ROOT)
     assert answers["_commit"]
     for name, question in questions().items():
-        if name == "db_statement_timeout" and data["db_driver"] == "aiosqlite":
+        if name in {"db_statement_timeout", "db_pooler"} and data["db_driver"] == "aiosqlite":
             assert name not in answers
         elif name not in data:
             assert answers[name] == question["default"] or "{{" in str(question["default"])
@@ -196,3 +196,34 @@ def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], 
 def test_template_paths_have_no_double_quotes() -> None:
     for path in (REPO_ROOT / "template").rglob("*"):
         assert '"' not in path.name, path
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str) -> None:
+    root = render(tmp_path / "s", db_driver=driver, db_pooler="pgbouncer")
+    engine = (root / "src" / PKG / "db" / "engine.py").read_text()
+    if driver == "asyncpg":
+        assert '"statement_cache_size": 0' in engine
+        assert '"prepared_statement_cache_size": 0' in engine
+    else:
+        assert 'args["prepare_threshold"] = None' in engine
+    assert "SET LOCAL statement_timeout" in engine
+    assert '"default_transaction_read_only"' not in engine  # a startup parameter PgBouncer refuses
+    assert "database_direct_url" in (root / "src" / PKG / "config.py").read_text()
+    assert "database_direct_url" in (root / "migrations" / "env.py").read_text()
+    env = (root / ".env.example").read_text()
+    assert "DATABASE_URL=postgresql://postgres@localhost:6432/" in env
+    assert "DATABASE_DIRECT_URL=postgresql://postgres@localhost:5432/" in env
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert not {"{{", "{%", "{#"} & {m for m in ("{{", "{%", "{#") if m in path.read_text()}
+    pgbouncer = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["pgbouncer"]
+    assert pgbouncer["environment"]["POOL_MODE"] == "transaction"
+    assert pgbouncer["depends_on"]["db"]["condition"] == "service_healthy"
+
+
+def test_direct_mode_has_no_pooler_parts(tmp_path: Path) -> None:
+    root = render(tmp_path / "s")
+    assert "statement_cache_size" not in (root / "src" / PKG / "db" / "engine.py").read_text()
+    assert "pgbouncer" not in yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    assert "DATABASE_DIRECT_URL" not in (root / ".env.example").read_text()

@@ -268,6 +268,7 @@ SWITCHES = [
     ({"db_driver": "psycopg"}, {"db_driver": "aiosqlite"}),
     ({"migrations": "none"}, {"migrations": "alembic"}),
     ({"with_example": True}, {"with_example": False}),
+    ({"db_pooler": "none"}, {"db_pooler": "pgbouncer"}),
 ]
 
 
