@@ -11,21 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-import httpx
-
 from .pgserver import free_port
-from .services import POLL_INTERVAL, SERVICE_START_TIMEOUT, Service
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -246,65 +241,3 @@ class PgBouncer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-class MultiWorkerService(Service):
-    """A Service under `uvicorn --workers N`: ready once every worker has started and
-    /health answers."""
-
-    def __init__(self, root: Path, log_path: Path, workers: int = 2, **env: str) -> None:
-        super().__init__(root, log_path, **env)
-        self.workers = workers
-
-    def start(self) -> None:
-        cmd = [
-            *("uv", "run", "--no-sync", "uvicorn", "my_service.main:app"),
-            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
-            *("--timeout-graceful-shutdown", "3"),
-        ]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=self.root,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        with httpx.Client(base_url=self.base_url, timeout=2) as client:
-            for _ in range(int(SERVICE_START_TIMEOUT / POLL_INTERVAL)):
-                if time.monotonic() > deadline:
-                    break
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"uvicorn exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
-                    )
-                started = len(re.findall(r"Application startup complete", self.log()))
-                if started >= self.workers:
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get("/health").status_code == 200:
-                            return
-                time.sleep(POLL_INTERVAL)
-        raise AssertionError(
-            f"uvicorn --workers {self.workers} was not ready within {SERVICE_START_TIMEOUT}s:\n"
-            f"{self.log()[-4000:]}"
-        )
-
-    def stop(self) -> None:
-        super().stop()
-        # Stopping the supervisor stops its workers; make sure none outlived it.
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def running_workers(root: Path, log_path: Path, workers: int = 2, **env: str) -> Iterator[Service]:
-    service = MultiWorkerService(root, log_path, workers=workers, **env)
-    try:
-        service.start()
-        yield service
-    finally:
-        service.stop()

@@ -90,12 +90,24 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 class Service:
-    """`uv run --no-sync uvicorn <package>.main:app` in a rendered project, on a free
-    loopback port, with its output in a log file."""
+    """`uv run --no-sync uvicorn <app>` in a rendered project, on a free loopback port, with
+    its output in a log file. Ready once every worker has started and /health answers."""
 
-    def __init__(self, root: Path, log_path: Path, **env: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        log_path: Path,
+        *,
+        app: str = "my_service.main:app",
+        workers: int = 1,
+        uvicorn_args: tuple[str, ...] = (),
+        **env: str,
+    ) -> None:
         self.root = root
         self.log_path = log_path
+        self.app = app
+        self.workers = workers
+        self.uvicorn_args = uvicorn_args
         self.env = clean_env(**env)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -106,9 +118,9 @@ class Service:
 
     def start(self) -> None:
         cmd = [
-            *("uv", "run", "--no-sync", "uvicorn", "my_service.main:app"),
-            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
-            *("--timeout-graceful-shutdown", "3"),
+            *("uv", "run", "--no-sync", "uvicorn", self.app),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
+            *("--timeout-graceful-shutdown", "3", *self.uvicorn_args),
         ]
         with self.log_path.open("wb") as log:
             # Own process group: stopping it reaches uvicorn under `uv run` too.
@@ -130,12 +142,14 @@ class Service:
                     raise AssertionError(
                         f"uvicorn exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
                     )
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health").status_code == 200:
-                        return
+                if self.log().count("Application startup complete") >= self.workers:
+                    with contextlib.suppress(httpx.TransportError):
+                        if client.get("/health").status_code == 200:
+                            return
                 time.sleep(POLL_INTERVAL)
         raise AssertionError(
-            f"uvicorn did not answer /health within {SERVICE_START_TIMEOUT}s:\n{self.log()[-4000:]}"
+            f"uvicorn --workers {self.workers} was not ready within {SERVICE_START_TIMEOUT}s:\n"
+            f"{self.log()[-4000:]}"
         )
 
     def stop(self) -> None:
@@ -150,11 +164,16 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+        # Stopping the supervisor stops its workers; make sure none outlived it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
-def running_service(root: Path, log_path: Path, **env: str) -> Iterator[Service]:
-    service = Service(root, log_path, **env)
+def running_service(
+    root: Path, log_path: Path, *, workers: int = 1, **env: str
+) -> Iterator[Service]:
+    service = Service(root, log_path, workers=workers, **env)
     try:
         service.start()
         yield service

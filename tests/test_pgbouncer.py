@@ -28,9 +28,16 @@ import psycopg
 import pytest
 
 from .helpers import clean_env, render
-from .pgbouncer import HOW_TO_INSTALL, PgBouncer, find_pgbouncer, running_workers
+from .pgbouncer import HOW_TO_INSTALL, PgBouncer, find_pgbouncer
 from .pgserver import free_port
-from .services import ConnectionSampler, create_database, drop_database, run, with_database
+from .services import (
+    ConnectionSampler,
+    create_database,
+    drop_database,
+    run,
+    running_service,
+    with_database,
+)
 
 DRIVERS = ["asyncpg", "psycopg"]
 UV_RUN = ["uv", "run", "--no-sync"]
@@ -223,7 +230,7 @@ def serve_and_load(
     """The service under `uvicorn --workers 2` on `database_url`, the load, and the server's
     connections to `database` sampled meanwhile."""
     ids = seed(with_database(pg_admin_url, database))
-    with running_workers(
+    with running_service(
         root,
         log_path,
         workers=WORKERS,

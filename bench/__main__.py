@@ -1,0 +1,99 @@
+"""Run every benchmark, print the tables and write the figures as JSON.
+
+    bench/run [--out FILE] [--seconds N] [--no-matrix] [--only TEXT]
+
+Not part of the test suite: nothing here passes or fails on a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import fixture_overhead, service_load, template_ops
+from bench.report import table
+from tests.helpers import REPO_ROOT
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "latest.json"
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "wrk": (wrk.stdout + wrk.stderr).split("\n", 1)[0].strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
+    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per load run")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per load run")
+    parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
+    parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")
+    parser.add_argument("--only", help="run only the load cases whose name contains this")
+    args = parser.parse_args()
+    admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    started = time.perf_counter()
+    figures: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "bench/run " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
+        load = service_load.run_all(
+            work / "load", admin_url, args.seconds, args.warmup, only=args.only
+        )
+        figures["http"] = load
+        if args.only is None:
+            print("\nPer-test isolation overhead:", flush=True)
+            figures["fixtures"] = fixture_overhead.run(work / "fixtures", n_tests=args.tests)
+            print("\nTemplate operations:", flush=True)
+            figures["template"] = template_ops.run(work / "template", matrix=not args.no_matrix)
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+
+    print("\n== HTTP load:", load["concurrency"], "connections,", load["seconds"], "s per case")
+    print(table(load["results"]))
+    if load["ratios"]:
+        print("\n== Rendered service / reference (requests per second)")
+        print(table(load["ratios"]))
+    if "fixtures" in figures:
+        print("\n== Per-test isolation overhead")
+        print(table(figures["fixtures"]))
+        print("\n== Template operations (seconds)")
+        print(table(figures["template"]))
+    print(f"\nwritten: {args.out} ({figures['wall_s']} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""HTTP throughput and latency of the rendered service against two reference apps.
+
+Each case runs under uvicorn (1 worker, the rendered project's own environment) and is
+loaded by wrk over loopback: a warm-up, then the measured run. Cases:
+
+- the rendered service (with_example=true) for asyncpg, psycopg and aiosqlite, on
+  `GET /items/{id}` and `POST /items`;
+- reference (a), `bench/apps/raw_asyncpg.py`: the same endpoints on a bare asyncpg pool;
+- reference (b), `bench/apps/sync_sqlalchemy.py`: a synchronous SQLAlchemy session on
+  psycopg in FastAPI's thread pool;
+- the rendered asyncpg service with one setting changed at a time (the knobs).
+
+The PostgreSQL cases share one database (created on the admin URL, migrated by the rendered
+project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests.helpers import clean_env, render
+from tests.services import Service, create_database, drop_database, run, with_database
+
+APPS_DIR = Path(__file__).resolve().parent / "apps"
+SEED_ITEMS = 1000
+DRIVERS = ("asyncpg", "psycopg", "aiosqlite")
+# Every case runs with the same uvicorn options; access logging is left out of all of them.
+UVICORN_ARGS = ("--no-access-log",)
+
+# wrk's Lua hooks: GET picks a random seeded item; POST sends a new name each time (the
+# column is unique). `done` prints the figures as one JSON line, in microseconds.
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"non_2xx":%d,"socket_errors":%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+WRK_GET = """
+request = function()
+  return wrk.format("GET", "/items/" .. math.random(1, SEED_ITEMS))
+end
+""".replace("SEED_ITEMS", str(SEED_ITEMS))
+WRK_POST = """
+local n = 0
+request = function()
+  n = n + 1
+  local body = '{"name":"TAG-' .. n .. '","price_cents":100}'
+  return wrk.format("POST", "/items", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+@dataclass
+class Case:
+    """One app under one configuration, loaded on one endpoint."""
+
+    name: str
+    group: str  # "rendered", "reference" or "knob"
+    driver: str  # whose rendered environment runs it
+    endpoint: str  # "GET /items/{id}" or "POST /items"
+    app: str = "my_service.main:app"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    name: str
+    group: str
+    endpoint: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    connections_opened: int | None
+
+
+def wrk_script(endpoint: str, tag: str) -> str:
+    body = WRK_GET if endpoint.startswith("GET") else WRK_POST.replace("TAG", tag)
+    return body + WRK_DONE
+
+
+def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, int]:
+    """One wrk run (one thread: the other core is the service's)."""
+    cmd = [
+        *("wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"),
+        *("-s", str(script), url),
+    ]
+    output = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if output.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output.stdout}{output.stderr}")
+    line = next(ln for ln in output.stdout.splitlines() if ln.startswith('{"requests"'))
+    figures: dict[str, int] = json.loads(line)
+    return figures
+
+
+def sessions_opened(admin_url: str, database: str) -> int:
+    """Connections ever established to `database` (the server's own counter)."""
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        row = conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", (database,)
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+class Bench:
+    """Renders the variants, prepares their databases and runs the cases."""
+
+    def __init__(self, work: Path, admin_url: str, seconds: int, warmup: int, conc: int):
+        self.work = work
+        self.admin_url = admin_url
+        self.seconds = seconds
+        self.warmup = warmup
+        self.connections = conc
+        self.database = f"bench_{uuid.uuid4().hex[:8]}"
+        self.pg_url = with_database(admin_url, self.database)
+        self.sqlite_path = work / "bench.db"
+        self.roots: dict[str, Path] = {}
+
+    def prepare(self) -> None:
+        for driver in DRIVERS:
+            root = render(self.work / driver, db_driver=driver, with_example=True)
+            run(["uv", "sync", "--quiet", "--no-dev"], root, clean_env())
+            self.roots[driver] = root
+        create_database(self.admin_url, self.database)
+        alembic = ["uv", "run", "--no-sync", "alembic", "upgrade", "head"]
+        run(alembic, self.roots["asyncpg"], clean_env(DATABASE_URL=self.pg_url))
+        run(alembic, self.roots["aiosqlite"], clean_env(DATABASE_URL=self.url("aiosqlite")))
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO items (name, price_cents) "
+                "SELECT 'seed-' || g, g FROM generate_series(1, %s) AS g",
+                (SEED_ITEMS,),
+            )
+        with sqlite3.connect(self.sqlite_path) as conn:
+            conn.executemany(
+                "INSERT INTO items (name, price_cents) VALUES (?, ?)",
+                [(f"seed-{i}", i) for i in range(1, SEED_ITEMS + 1)],
+            )
+
+    def cleanup(self) -> None:
+        drop_database(self.admin_url, self.database)
+
+    def url(self, driver: str) -> str:
+        if driver == "aiosqlite":
+            return f"sqlite:///{self.sqlite_path}"
+        return self.pg_url
+
+    def measure(self, case: Case) -> Result:
+        root = self.roots[case.driver]
+        env = {"DATABASE_URL": self.url(case.driver), **case.env}
+        if case.app != "my_service.main:app":
+            env["PYTHONPATH"] = str(APPS_DIR)
+        slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
+        tag = f"{slug}-{uuid.uuid4().hex[:6]}"
+        # Warm-up and measured run each send their own names.
+        warm, measured = self.work / f"{tag}-warm.lua", self.work / f"{tag}.lua"
+        warm.write_text(wrk_script(case.endpoint, f"{tag}-warm"))
+        measured.write_text(wrk_script(case.endpoint, tag))
+        is_pg = case.driver != "aiosqlite"
+        before = sessions_opened(self.admin_url, self.database) if is_pg else 0
+        service = Service(
+            root, self.work / f"{tag}.log", app=case.app, uvicorn_args=UVICORN_ARGS, **env
+        )
+        service.start()
+        try:
+            path = "/items/1" if case.endpoint.startswith("GET") else "/items"
+            url = service.base_url + path
+            wrk(url, warm, self.warmup, self.connections)
+            figures = wrk(url, measured, self.seconds, self.connections)
+        finally:
+            service.stop()
+        # The server counts a session when it starts; stopping the service closed them all.
+        opened = sessions_opened(self.admin_url, self.database) - before if is_pg else None
+        return Result(
+            name=case.name,
+            group=case.group,
+            endpoint=case.endpoint,
+            rps=round(figures["requests"] / (figures["duration_us"] / 1e6), 1),
+            p50_ms=round(figures["p50_us"] / 1000, 2),
+            p99_ms=round(figures["p99_us"] / 1000, 2),
+            requests=figures["requests"],
+            errors=figures["non_2xx"] + figures["socket_errors"],
+            connections_opened=opened,
+        )
+
+
+def cases() -> list[Case]:
+    endpoints = ("GET /items/{id}", "POST /items")
+    found: list[Case] = []
+    for endpoint in endpoints:
+        for driver in DRIVERS:
+            found.append(Case(f"rendered {driver}", "rendered", driver, endpoint))
+        found.append(
+            Case("(a) raw asyncpg", "reference", "asyncpg", endpoint, app="raw_asyncpg:app")
+        )
+        found.append(
+            Case(
+                "(b) sync SQLAlchemy + psycopg",
+                "reference",
+                "psycopg",
+                endpoint,
+                app="sync_sqlalchemy:app",
+            )
+        )
+    knobs = {
+        "pre_ping off": {"DB_POOL_PRE_PING": "false"},
+        "statement timeout off": {"DB_STATEMENT_TIMEOUT": "0"},
+        "slow-query log off": {"DB_SLOW_QUERY_MS": "0"},
+        "echo on": {"DB_ECHO": "true"},
+        "pool size 20": {"DB_POOL_SIZE": "20"},
+    }
+    for label, env in knobs.items():
+        found.append(Case(f"asyncpg, {label}", "knob", "asyncpg", endpoints[0], env=env))
+    found.append(
+        Case("asyncpg, pool size 20", "knob", "asyncpg", endpoints[1], env=knobs["pool size 20"])
+    )
+    return found
+
+
+def ratios(results: list[Result]) -> list[dict[str, Any]]:
+    """Each rendered variant's throughput as a multiple of the two references."""
+    by_key = {(r.name, r.endpoint): r for r in results}
+    rows = []
+    for r in results:
+        if r.group != "rendered":
+            continue
+        raw = by_key[("(a) raw asyncpg", r.endpoint)]
+        sync = by_key[("(b) sync SQLAlchemy + psycopg", r.endpoint)]
+        rows.append(
+            {
+                "name": r.name,
+                "endpoint": r.endpoint,
+                "vs_raw_asyncpg": round(r.rps / raw.rps, 2),
+                "vs_sync_sqlalchemy": round(r.rps / sync.rps, 2),
+            }
+        )
+    return rows
+
+
+def run_all(
+    work: Path,
+    admin_url: str,
+    seconds: int = 10,
+    warmup: int = 3,
+    connections: int = 64,
+    only: str | None = None,
+) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (or run bench/run)")
+    bench = Bench(work, admin_url, seconds, warmup, connections)
+    bench.prepare()
+    try:
+        results = []
+        for case in cases():
+            if only is not None and only not in case.name:
+                continue
+            started = time.perf_counter()
+            result = bench.measure(case)
+            print(
+                f"  {case.endpoint:16} {case.name:32} {result.rps:9.1f} req/s "
+                f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                f"errors {result.errors}  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            results.append(result)
+    finally:
+        bench.cleanup()
+    complete = only is None
+    return {
+        "concurrency": connections,
+        "seconds": seconds,
+        "results": [asdict(r) for r in results],
+        "ratios": ratios(results) if complete else [],
+    }
