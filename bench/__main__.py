@@ -68,6 +68,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
+        for part in ("load", "fixtures", "template"):
+            (work / part).mkdir()
         print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
         load = service_load.run_all(
             work / "load", admin_url, args.seconds, args.warmup, only=args.only

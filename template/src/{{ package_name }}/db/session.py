@@ -38,7 +38,9 @@ async def session_scope(
         await session.commit()
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+# The two factories below are `async def` although they never await: FastAPI runs a plain
+# `def` dependency in its thread pool, a thread hop on every request.
+async def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     """The session factory the application's lifespan created."""
     return cast(async_sessionmaker[AsyncSession], request.app.state.sessionmaker)
 
@@ -51,7 +53,7 @@ async def get_db(
         yield session
 
 
-def get_read_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+async def get_read_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     """The session factory for read-only work (DATABASE_READ_URL, or the primary)."""
     return cast(async_sessionmaker[AsyncSession], request.app.state.read_sessionmaker)
 
