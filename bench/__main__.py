@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=10, help="measured seconds per load run")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per load run")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every load case")
     parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
     parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")
     parser.add_argument("--only", help="run only the load cases whose name contains this")
@@ -72,7 +73,12 @@ def main() -> None:
             (work / part).mkdir()
         print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
         load = service_load.run_all(
-            work / "load", admin_url, args.seconds, args.warmup, only=args.only
+            work / "load",
+            admin_url,
+            args.seconds,
+            args.warmup,
+            rounds=args.rounds,
+            only=args.only,
         )
         figures["http"] = load
         if args.only is None:
@@ -84,7 +90,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
-    print("\n== HTTP load:", load["concurrency"], "connections,", load["seconds"], "s per case")
+    print(
+        f"\n== HTTP load: {load['concurrency']} connections, {load['seconds']} s per run, "
+        f"best of {load['rounds']} rounds"
+    )
     print(table(load["results"]))
     if load["ratios"]:
         print("\n== Rendered service / reference (requests per second)")
