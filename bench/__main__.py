@@ -1,6 +1,7 @@
 """Run every benchmark, print the tables and write the figures as JSON.
 
-    bench/run [--out FILE] [--seconds N] [--no-matrix] [--only TEXT]
+    bench/run [--out FILE] [--seconds N] [--rounds N] [--baseline REV|none] [--no-matrix]
+              [--only TEXT]
 
 Not part of the test suite: nothing here passes or fails on a figure.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from bench import fixture_overhead, service_load, template_ops
 from bench.report import table
 from tests.helpers import REPO_ROOT
+from tests.updates import previous_release
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "latest.json"
@@ -59,7 +61,21 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
     parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")
     parser.add_argument("--only", help="run only the load cases whose name contains this")
+    parser.add_argument(
+        "--baseline",
+        default="release",
+        help="template revision whose rendered asyncpg service is loaded too, for before and "
+        "after in one run: a git revision, 'release' (the newest in CHANGELOG.md, the "
+        "default) or 'none'",
+    )
     args = parser.parse_args()
+    baseline: tuple[str, str] | None
+    if args.baseline == "none":
+        baseline = None
+    elif args.baseline == "release":
+        baseline = previous_release()
+    else:
+        baseline = (args.baseline, args.baseline)
     admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
     started = time.perf_counter()
     figures: dict[str, Any] = {
@@ -79,6 +95,7 @@ def main() -> None:
             args.warmup,
             rounds=args.rounds,
             only=args.only,
+            baseline=baseline,
         )
         figures["http"] = load
         if args.only is None:

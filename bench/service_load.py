@@ -1,14 +1,22 @@
-"""HTTP throughput and latency of the rendered service against two reference apps.
+"""HTTP throughput and latency of the rendered service against reference apps.
 
 Each case runs under uvicorn (1 worker, the rendered project's own environment) and is
 loaded by wrk over loopback: a warm-up, then the measured run. Cases:
 
 - the rendered service (with_example=true) for asyncpg, psycopg and aiosqlite, on
   `GET /items/{id}` and `POST /items`;
+- optionally the rendered asyncpg service of an earlier template version (the baseline, by
+  default the newest release in CHANGELOG.md), so that before and after share one run;
 - reference (a), `bench/apps/raw_asyncpg.py`: the same endpoints on a bare asyncpg pool;
 - reference (b), `bench/apps/sync_sqlalchemy.py`: a synchronous SQLAlchemy session on
   psycopg in FastAPI's thread pool;
+- reference (c), `bench/apps/plain_sqlalchemy.py`: a plain async SQLAlchemy session on
+  asyncpg, opened in the handler, with SQLAlchemy's defaults (the ORM's own floor);
 - the rendered asyncpg service with one setting changed at a time (the knobs).
+
+Besides requests per second and latency, each case reports the CPU time its service process
+spent per request (`cpu_us`): on a machine shared with other work it varies much less than
+the throughput, and it is what the layer's own code costs.
 
 The PostgreSQL cases share one database (created on the admin URL, migrated by the rendered
 project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory.
@@ -17,6 +25,7 @@ project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work d
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -73,6 +82,8 @@ class Case:
     endpoint: str  # "GET /items/{id}" or "POST /items"
     app: str = "my_service.main:app"
     env: dict[str, str] = field(default_factory=dict)
+    # The rendered project (and environment) it runs in, when not the driver's own.
+    project: str | None = None
 
 
 @dataclass
@@ -83,6 +94,7 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float
     requests: int
     errors: int
     connections_opened: int | None
@@ -107,6 +119,21 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, int
     return figures
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User and system CPU time of every live process in process group `pgid`."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the command name (which may hold spaces): state is [0], the
+            # process group [2], utime [11], stime [12].
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def sessions_opened(admin_url: str, database: str) -> int:
     """Connections ever established to `database` (the server's own counter)."""
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
@@ -120,7 +147,15 @@ def sessions_opened(admin_url: str, database: str) -> int:
 class Bench:
     """Renders the variants, prepares their databases and runs the cases."""
 
-    def __init__(self, work: Path, admin_url: str, seconds: int, warmup: int, conc: int):
+    def __init__(
+        self,
+        work: Path,
+        admin_url: str,
+        seconds: int,
+        warmup: int,
+        conc: int,
+        baseline: tuple[str, str] | None = None,
+    ):
         self.work = work
         self.admin_url = admin_url
         self.seconds = seconds
@@ -129,13 +164,21 @@ class Bench:
         self.database = f"bench_{uuid.uuid4().hex[:8]}"
         self.pg_url = with_database(admin_url, self.database)
         self.sqlite_path = work / "bench.db"
+        # (label, git revision) of the template version rendered for the baseline case.
+        self.baseline = baseline
         self.roots: dict[str, Path] = {}
 
     def prepare(self) -> None:
-        for driver in DRIVERS:
-            root = render(self.work / driver, db_driver=driver, with_example=True)
+        projects = {driver: (driver, "HEAD") for driver in DRIVERS}
+        if self.baseline is not None:
+            label, revision = self.baseline
+            projects[baseline_project(label)] = ("asyncpg", revision)
+        for n, (project, (driver, revision)) in enumerate(projects.items()):
+            root = render(
+                self.work / f"project-{n}", vcs_ref=revision, db_driver=driver, with_example=True
+            )
             run(["uv", "sync", "--quiet", "--no-dev"], root, clean_env())
-            self.roots[driver] = root
+            self.roots[project] = root
         create_database(self.admin_url, self.database)
         alembic = ["uv", "run", "--no-sync", "alembic", "upgrade", "head"]
         run(alembic, self.roots["asyncpg"], clean_env(DATABASE_URL=self.pg_url))
@@ -161,8 +204,10 @@ class Bench:
         return self.pg_url
 
     def measure(self, case: Case) -> Result:
-        root = self.roots[case.driver]
-        env = {"DATABASE_URL": self.url(case.driver), **case.env}
+        root = self.roots[case.project or case.driver]
+        database_url = self.url(case.driver)
+        env = {"DATABASE_URL": database_url}
+        env.update({k: v.replace(DATABASE_URL_MARK, database_url) for k, v in case.env.items()})
         if case.app != "my_service.main:app":
             env["PYTHONPATH"] = str(APPS_DIR)
         slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
@@ -181,7 +226,10 @@ class Bench:
             path = "/items/1" if case.endpoint.startswith("GET") else "/items"
             url = service.base_url + path
             wrk(url, warm, self.warmup, self.connections)
+            assert service.proc is not None
+            cpu_before = group_cpu_seconds(service.proc.pid)
             figures = wrk(url, measured, self.seconds, self.connections)
+            cpu = group_cpu_seconds(service.proc.pid) - cpu_before
         finally:
             service.stop()
         # The server counts a session when it starts; stopping the service closed them all.
@@ -193,36 +241,52 @@ class Bench:
             rps=round(figures["requests"] / (figures["duration_us"] / 1e6), 1),
             p50_ms=round(figures["p50_us"] / 1000, 2),
             p99_ms=round(figures["p99_us"] / 1000, 2),
+            cpu_us=round(cpu * 1e6 / max(figures["requests"], 1), 1),
             requests=figures["requests"],
             errors=figures["non_2xx"] + figures["socket_errors"],
             connections_opened=opened,
         )
 
 
-def cases() -> list[Case]:
+RAW = "(a) raw asyncpg"
+SYNC = "(b) sync SQLAlchemy + psycopg"
+PLAIN = "(c) plain async SQLAlchemy"
+# A knob's environment may name the case's own database URL.
+DATABASE_URL_MARK = "$DATABASE_URL"
+
+
+def baseline_project(label: str) -> str:
+    return f"asyncpg@{label}"
+
+
+def cases(baseline: str | None = None) -> list[Case]:
+    """Every case; `baseline` labels the earlier template version, if one is rendered."""
     endpoints = ("GET /items/{id}", "POST /items")
     found: list[Case] = []
     for endpoint in endpoints:
         for driver in DRIVERS:
             found.append(Case(f"rendered {driver}", "rendered", driver, endpoint))
-        found.append(
-            Case("(a) raw asyncpg", "reference", "asyncpg", endpoint, app="raw_asyncpg:app")
-        )
-        found.append(
-            Case(
-                "(b) sync SQLAlchemy + psycopg",
-                "reference",
-                "psycopg",
-                endpoint,
-                app="sync_sqlalchemy:app",
+        if baseline is not None:
+            found.append(
+                Case(
+                    f"rendered asyncpg @{baseline}",
+                    "baseline",
+                    "asyncpg",
+                    endpoint,
+                    project=baseline_project(baseline),
+                )
             )
-        )
+        found.append(Case(RAW, "reference", "asyncpg", endpoint, app="raw_asyncpg:app"))
+        found.append(Case(SYNC, "reference", "psycopg", endpoint, app="sync_sqlalchemy:app"))
+        found.append(Case(PLAIN, "reference", "asyncpg", endpoint, app="plain_sqlalchemy:app"))
     knobs = {
         "pre_ping off": {"DB_POOL_PRE_PING": "false"},
         "statement timeout off": {"DB_STATEMENT_TIMEOUT": "0"},
         "slow-query log off": {"DB_SLOW_QUERY_MS": "0"},
         "echo on": {"DB_ECHO": "true"},
         "pool size 20": {"DB_POOL_SIZE": "20"},
+        # Reads get a pool of their own, read-only at the server, without BEGIN/COMMIT.
+        "DATABASE_READ_URL set": {"DATABASE_READ_URL": DATABASE_URL_MARK},
     }
     for label, env in knobs.items():
         found.append(Case(f"asyncpg, {label}", "knob", "asyncpg", endpoints[0], env=env))
@@ -233,22 +297,20 @@ def cases() -> list[Case]:
 
 
 def ratios(results: list[Result]) -> list[dict[str, Any]]:
-    """Each rendered variant's throughput as a multiple of the two references."""
+    """Each rendered service's throughput as a multiple of the references'."""
     by_key = {(r.name, r.endpoint): r for r in results}
     rows = []
     for r in results:
-        if r.group != "rendered":
+        if r.group not in ("rendered", "baseline"):
             continue
-        raw = by_key[("(a) raw asyncpg", r.endpoint)]
-        sync = by_key[("(b) sync SQLAlchemy + psycopg", r.endpoint)]
-        rows.append(
-            {
-                "name": r.name,
-                "endpoint": r.endpoint,
-                "vs_raw_asyncpg": round(r.rps / raw.rps, 2),
-                "vs_sync_sqlalchemy": round(r.rps / sync.rps, 2),
-            }
-        )
+        row: dict[str, Any] = {"name": r.name, "endpoint": r.endpoint}
+        for column, reference in (
+            ("vs_raw_asyncpg", RAW),
+            ("vs_sync_sqlalchemy", SYNC),
+            ("vs_plain_sqlalchemy", PLAIN),
+        ):
+            row[column] = round(r.rps / by_key[(reference, r.endpoint)].rps, 2)
+        rows.append(row)
     return rows
 
 
@@ -260,6 +322,7 @@ def run_all(
     connections: int = 64,
     rounds: int = 2,
     only: str | None = None,
+    baseline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every case, `rounds` times round-robin; each case reports its best round.
 
@@ -268,8 +331,9 @@ def run_all(
     """
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (or run bench/run)")
-    selected = [c for c in cases() if only is None or only in c.name]
-    bench = Bench(work, admin_url, seconds, warmup, connections)
+    label = baseline[0] if baseline is not None else None
+    selected = [c for c in cases(label) if only is None or only in c.name]
+    bench = Bench(work, admin_url, seconds, warmup, connections, baseline)
     bench.prepare()
     runs: dict[int, list[Result]] = {i: [] for i in range(len(selected))}
     try:
@@ -280,7 +344,8 @@ def run_all(
                 print(
                     f"  [{round_no}/{rounds}] {case.endpoint:16} {case.name:30} "
                     f"{result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms  "
-                    f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}  "
+                    f"p99 {result.p99_ms:7.2f} ms  cpu {result.cpu_us:6.0f} us/req  "
+                    f"errors {result.errors}  "
                     f"({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
