@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=10, help="measured seconds per load run")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per load run")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every load case")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every load case")
     parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
     parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")
     parser.add_argument("--only", help="run only the load cases whose name contains this")
@@ -109,12 +109,14 @@ def main() -> None:
 
     print(
         f"\n== HTTP load: {load['concurrency']} connections, {load['seconds']} s per run, "
-        f"best of {load['rounds']} rounds"
+        f"median of {load['rounds']} rounds; cpu_us: service CPU time per request"
     )
     print(table(load["results"]))
     if load["ratios"]:
-        print("\n== Rendered service / reference (requests per second)")
+        print("\n== Rendered service / reference, requests per second: median (min-max) of rounds")
         print(table(load["ratios"]))
+        print("\n== Knobs / rendered asyncpg with defaults: median (min-max) of rounds")
+        print(table(load["knobs"]))
     if "fixtures" in figures:
         print("\n== Per-test isolation overhead")
         print(table(figures["fixtures"]))

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import time
 import uuid
@@ -296,21 +298,69 @@ def cases(baseline: str | None = None) -> list[Case]:
     return found
 
 
-def ratios(results: list[Result]) -> list[dict[str, Any]]:
-    """Each rendered service's throughput as a multiple of the references'."""
-    by_key = {(r.name, r.endpoint): r for r in results}
+def median_result(runs: list[Result]) -> Result:
+    """One row for a case's rounds: the median of each figure; errors summed over rounds, and
+    the most connections any round opened."""
+    first = runs[0]
+    opened = [r.connections_opened for r in runs if r.connections_opened is not None]
+    return Result(
+        name=first.name,
+        group=first.group,
+        endpoint=first.endpoint,
+        rps=round(statistics.median(r.rps for r in runs), 1),
+        p50_ms=round(statistics.median(r.p50_ms for r in runs), 2),
+        p99_ms=round(statistics.median(r.p99_ms for r in runs), 2),
+        cpu_us=round(statistics.median(r.cpu_us for r in runs), 1),
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+        connections_opened=max(opened) if opened else None,
+    )
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def ratios(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, Any]]:
+    """Each rendered service's throughput as a multiple of each reference's, taken within
+    each round (the two ran minutes apart at most) and summed up over the rounds."""
     rows = []
-    for r in results:
-        if r.group not in ("rendered", "baseline"):
+    for key, result in rounds[0].items():
+        name, endpoint = key
+        if result.group not in ("rendered", "baseline"):
             continue
-        row: dict[str, Any] = {"name": r.name, "endpoint": r.endpoint}
+        row: dict[str, Any] = {"name": name, "endpoint": endpoint}
         for column, reference in (
             ("vs_raw_asyncpg", RAW),
             ("vs_sync_sqlalchemy", SYNC),
             ("vs_plain_sqlalchemy", PLAIN),
         ):
-            row[column] = round(r.rps / by_key[(reference, r.endpoint)].rps, 2)
+            row[column] = spread([r[key].rps / r[(reference, endpoint)].rps for r in rounds])
         rows.append(row)
+    return rows
+
+
+def knob_costs(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, Any]]:
+    """Each knob against the rendered asyncpg service with its defaults, within each round:
+    throughput and CPU per request as multiples of the defaults'."""
+    rows = []
+    for key, result in rounds[0].items():
+        name, endpoint = key
+        if result.group != "knob":
+            continue
+        default = ("rendered asyncpg", endpoint)
+        rows.append(
+            {
+                "name": name,
+                "endpoint": endpoint,
+                "rps_vs_default": spread([r[key].rps / r[default].rps for r in rounds]),
+                "cpu_vs_default": spread([r[key].cpu_us / r[default].cpu_us for r in rounds]),
+            }
+        )
     return rows
 
 
@@ -320,14 +370,15 @@ def run_all(
     seconds: int = 10,
     warmup: int = 3,
     connections: int = 64,
-    rounds: int = 2,
+    rounds: int = 3,
     only: str | None = None,
     baseline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every case, `rounds` times round-robin; each case reports its best round.
+    """Every case `rounds` times, each round in its own shuffled order.
 
-    Noise on a shared machine only ever slows a run down, and the rounds spread it over all
-    cases alike, so the best round is the steadiest figure and the ratios hold.
+    The speed of a shared machine drifts over minutes. Each case reports the median of its
+    rounds, and each comparison (rendered / reference, knob / default) is taken within a round
+    and reported as the median over the rounds with its smallest and largest value.
     """
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (or run bench/run)")
@@ -335,10 +386,14 @@ def run_all(
     selected = [c for c in cases(label) if only is None or only in c.name]
     bench = Bench(work, admin_url, seconds, warmup, connections, baseline)
     bench.prepare()
-    runs: dict[int, list[Result]] = {i: [] for i in range(len(selected))}
+    by_round: list[dict[tuple[str, str], Result]] = []
     try:
         for round_no in range(1, rounds + 1):
-            for i, case in enumerate(selected):
+            order = list(selected)
+            # Seeded: every run of the benchmark takes the cases in the same orders.
+            random.Random(round_no).shuffle(order)
+            measured: dict[tuple[str, str], Result] = {}
+            for case in order:
                 started = time.perf_counter()
                 result = bench.measure(case)
                 print(
@@ -349,15 +404,21 @@ def run_all(
                     f"({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
-                runs[i].append(result)
+                measured[(case.name, case.endpoint)] = result
+            # Rows in the order of cases(), whatever order they ran in.
+            by_round.append(
+                {(c.name, c.endpoint): measured[(c.name, c.endpoint)] for c in selected}
+            )
     finally:
         bench.cleanup()
-    results = [max(runs[i], key=lambda r: r.rps) for i in range(len(selected))]
+    results = [median_result([r[key] for r in by_round]) for key in by_round[0]]
+    complete = only is None
     return {
         "concurrency": connections,
         "seconds": seconds,
         "rounds": rounds,
         "results": [asdict(r) for r in results],
-        "all_rounds": [asdict(r) for i in range(len(selected)) for r in runs[i]],
-        "ratios": ratios(results) if only is None else [],
+        "ratios": ratios(by_round) if complete else [],
+        "knobs": knob_costs(by_round) if complete else [],
+        "all_rounds": [[asdict(result) for result in r.values()] for r in by_round],
     }
