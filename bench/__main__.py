@@ -55,8 +55,8 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per load run")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per load run")
+    parser.add_argument("--seconds", type=int, default=6, help="measured seconds per load run")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per load run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every load case")
     parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
     parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")

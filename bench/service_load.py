@@ -325,11 +325,23 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def ratios(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, Any]]:
-    """Each rendered service's throughput as a multiple of each reference's, taken within
-    each round (the two ran minutes apart at most) and summed up over the rounds."""
+DEFAULT = "rendered asyncpg"
+# One round: each case's result, with the default service's result measured just before it.
+Round = dict[tuple[str, str], tuple[Result, Result]]
+
+
+def relative(pair: tuple[Result, Result], figure: str = "rps") -> float:
+    """A result's figure as a multiple of its adjacent default run's."""
+    result, default = pair
+    return float(getattr(result, figure)) / float(getattr(default, figure))
+
+
+def ratios(rounds: list[Round]) -> list[dict[str, Any]]:
+    """Each rendered service's throughput as a multiple of each reference's. Both are taken
+    relative to the default service measured just before them, within seconds, so a change
+    in the machine's speed between the two runs cancels out: (X / dX) / (R / dR)."""
     rows = []
-    for key, result in rounds[0].items():
+    for key, (result, _) in rounds[0].items():
         name, endpoint = key
         if result.group not in ("rendered", "baseline"):
             continue
@@ -339,26 +351,26 @@ def ratios(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, Any]]:
             ("vs_sync_sqlalchemy", SYNC),
             ("vs_plain_sqlalchemy", PLAIN),
         ):
-            row[column] = spread([r[key].rps / r[(reference, endpoint)].rps for r in rounds])
+            row[column] = spread(
+                [relative(r[key]) / relative(r[(reference, endpoint)]) for r in rounds]
+            )
         rows.append(row)
     return rows
 
 
-def knob_costs(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, Any]]:
-    """Each knob against the rendered asyncpg service with its defaults, within each round:
-    throughput and CPU per request as multiples of the defaults'."""
+def knob_costs(rounds: list[Round]) -> list[dict[str, Any]]:
+    """Each knob against the default service measured just before it: throughput and CPU per
+    request as multiples of the default's."""
     rows = []
-    for key, result in rounds[0].items():
-        name, endpoint = key
+    for key, (result, _) in rounds[0].items():
         if result.group != "knob":
             continue
-        default = ("rendered asyncpg", endpoint)
         rows.append(
             {
-                "name": name,
-                "endpoint": endpoint,
-                "rps_vs_default": spread([r[key].rps / r[default].rps for r in rounds]),
-                "cpu_vs_default": spread([r[key].cpu_us / r[default].cpu_us for r in rounds]),
+                "name": key[0],
+                "endpoint": key[1],
+                "rps_vs_default": spread([relative(r[key]) for r in rounds]),
+                "cpu_vs_default": spread([relative(r[key], "cpu_us") for r in rounds]),
             }
         )
     return rows
@@ -367,51 +379,75 @@ def knob_costs(rounds: list[dict[tuple[str, str], Result]]) -> list[dict[str, An
 def run_all(
     work: Path,
     admin_url: str,
-    seconds: int = 10,
-    warmup: int = 3,
+    seconds: int = 6,
+    warmup: int = 2,
     connections: int = 64,
     rounds: int = 3,
     only: str | None = None,
     baseline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every case `rounds` times, each round in its own shuffled order.
+    """Every case `rounds` times, each round in its own shuffled order, each case right after
+    a run of the default service (rendered asyncpg, same endpoint).
 
-    The speed of a shared machine drifts over minutes. Each case reports the median of its
-    rounds, and each comparison (rendered / reference, knob / default) is taken within a round
-    and reported as the median over the rounds with its smallest and largest value.
+    The speed of a shared machine drifts over minutes, by a third and more. Comparisons are
+    made against the adjacent default run (see ratios), and reported as the median over the
+    rounds with the smallest and largest value; each case's own figures are the medians of
+    its rounds.
     """
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (or run bench/run)")
     label = baseline[0] if baseline is not None else None
-    selected = [c for c in cases(label) if only is None or only in c.name]
+    all_cases = cases(label)
+    defaults = {c.endpoint: c for c in all_cases if c.name == DEFAULT}
+    selected = [c for c in all_cases if only is None or only in c.name]
     bench = Bench(work, admin_url, seconds, warmup, connections, baseline)
     bench.prepare()
-    by_round: list[dict[tuple[str, str], Result]] = []
+
+    def measure(case: Case, round_no: int) -> Result:
+        started = time.perf_counter()
+        result = bench.measure(case)
+        print(
+            f"  [{round_no}/{rounds}] {case.endpoint:16} {case.name:30} "
+            f"{result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms  "
+            f"p99 {result.p99_ms:7.2f} ms  cpu {result.cpu_us:6.0f} us/req  "
+            f"errors {result.errors}  ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+        return result
+
+    by_round: list[Round] = []
+    default_runs: dict[str, list[Result]] = {endpoint: [] for endpoint in defaults}
     try:
         for round_no in range(1, rounds + 1):
-            order = list(selected)
+            order = [c for c in selected if c.name != DEFAULT]
             # Seeded: every run of the benchmark takes the cases in the same orders.
             random.Random(round_no).shuffle(order)
-            measured: dict[tuple[str, str], Result] = {}
+            measured: Round = {}
             for case in order:
-                started = time.perf_counter()
-                result = bench.measure(case)
-                print(
-                    f"  [{round_no}/{rounds}] {case.endpoint:16} {case.name:30} "
-                    f"{result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms  "
-                    f"p99 {result.p99_ms:7.2f} ms  cpu {result.cpu_us:6.0f} us/req  "
-                    f"errors {result.errors}  "
-                    f"({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
-                measured[(case.name, case.endpoint)] = result
+                default = measure(defaults[case.endpoint], round_no)
+                default_runs[case.endpoint].append(default)
+                measured[(case.name, case.endpoint)] = (measure(case, round_no), default)
+            for endpoint, case in defaults.items():
+                # The default against itself (a ratio of 1): against a reference R its ratio
+                # is then dR / R, with R's adjacent default run.
+                runs = [d for (_, e), (_, d) in measured.items() if e == endpoint]
+                if case in selected and runs:
+                    measured[(DEFAULT, endpoint)] = (runs[0], runs[0])
             # Rows in the order of cases(), whatever order they ran in.
             by_round.append(
-                {(c.name, c.endpoint): measured[(c.name, c.endpoint)] for c in selected}
+                {
+                    (c.name, c.endpoint): measured[(c.name, c.endpoint)]
+                    for c in selected
+                    if (c.name, c.endpoint) in measured
+                }
             )
     finally:
         bench.cleanup()
-    results = [median_result([r[key] for r in by_round]) for key in by_round[0]]
+    results = []
+    for key in by_round[0]:
+        name, endpoint = key
+        runs = default_runs[endpoint] if name == DEFAULT else [r[key][0] for r in by_round]
+        results.append(median_result(runs))
     complete = only is None
     return {
         "concurrency": connections,
@@ -420,5 +456,8 @@ def run_all(
         "results": [asdict(r) for r in results],
         "ratios": ratios(by_round) if complete else [],
         "knobs": knob_costs(by_round) if complete else [],
-        "all_rounds": [[asdict(result) for result in r.values()] for r in by_round],
+        "all_rounds": [
+            [{**asdict(result), "default_rps": default.rps} for result, default in r.values()]
+            for r in by_round
+        ],
     }
