@@ -10,27 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 
 import asyncpg
+from example import COLUMNS, ItemCreate, ItemRead
 from fastapi import FastAPI, HTTPException, Request, status
-from pydantic import BaseModel, Field
-
-COLUMNS = "id, name, description, price_cents, created_at"
-
-
-class ItemCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
-    description: str | None = None
-    price_cents: int = Field(ge=0)
-
-
-class ItemRead(BaseModel):
-    id: int
-    name: str
-    description: str | None
-    price_cents: int
-    created_at: datetime
 
 
 @asynccontextmanager

@@ -10,45 +10,13 @@ the pool timeout.
 from __future__ import annotations
 
 import os
-from datetime import datetime
 
+from example import Item, ItemCreate, ItemRead
 from fastapi import FastAPI, HTTPException, status
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import DateTime, String, Text, create_engine, func
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
-    description: Mapped[str | None] = mapped_column(Text)
-    price_cents: Mapped[int]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-
-
-class ItemCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
-    description: str | None = None
-    price_cents: int = Field(ge=0)
-
-
-class ItemRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    name: str
-    description: str | None
-    price_cents: int
-    created_at: datetime
-
+from sqlalchemy.orm import sessionmaker
 
 engine = create_engine(
     make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql+psycopg"),
