@@ -1,7 +1,7 @@
 """Run every benchmark, print the tables and write the figures as JSON.
 
-    bench/run [--out FILE] [--seconds N] [--rounds N] [--baseline REV|none] [--no-matrix]
-              [--only TEXT]
+    bench/run [--out FILE] [--seconds N] [--warmup N] [--rounds N] [--tests N]
+              [--baseline REV|release|none] [--no-matrix] [--only TEXT]
 
 Not part of the test suite: nothing here passes or fails on a figure.
 """

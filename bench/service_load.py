@@ -15,8 +15,8 @@ loaded by wrk over loopback: a warm-up, then the measured run. Cases:
 - the rendered asyncpg service with one setting changed at a time (the knobs).
 
 Besides requests per second and latency, each case reports the CPU time its service process
-spent per request (`cpu_us`): on a machine shared with other work it varies much less than
-the throughput, and it is what the layer's own code costs.
+spent per request (`cpu_us`): what the service's own code costs, whatever wrk and PostgreSQL
+take of the other core. It drifts with the machine's speed as the throughput does.
 
 The PostgreSQL cases share one database (created on the admin URL, migrated by the rendered
 project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory.
