@@ -22,8 +22,8 @@ from typing import Any
 
 from bench import fixture_overhead, service_load, template_ops
 from bench.report import table
-from tests.helpers import REPO_ROOT
-from tests.updates import previous_release
+from harness.rendering import REPO_ROOT
+from harness.updates import previous_release
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "latest.json"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import clean_env, render
+from harness.rendering import clean_env, render
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Each file runs this many times; the lowest wall time (and lowest pytest duration) counts,

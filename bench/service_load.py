@@ -39,8 +39,8 @@ from typing import Any
 
 import psycopg
 
-from tests.helpers import clean_env, render
-from tests.services import Service, create_database, drop_database, run, with_database
+from harness.rendering import clean_env, render
+from harness.services import Service, create_database, drop_database, run, with_database
 
 APPS_DIR = Path(__file__).resolve().parent / "apps"
 SEED_ITEMS = 1000

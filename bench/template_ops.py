@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT, clean_env
-from tests.updates import GIT_IDENTITY, TemplateRepo, commit_all, copy_service, git
+from harness.rendering import REPO_ROOT, clean_env
+from harness.updates import GIT_IDENTITY, TemplateRepo, commit_all, copy_service, git
 
 COPY_RUNS = 5
 UPDATE_RUNS = 5

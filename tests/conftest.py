@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import pgserver
+from harness import pgserver
 
 
 @pytest.fixture(scope="session")

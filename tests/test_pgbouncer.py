@@ -27,10 +27,10 @@ import httpx
 import psycopg
 import pytest
 
-from .helpers import clean_env, render
-from .pgbouncer import HOW_TO_INSTALL, PgBouncer, find_pgbouncer
-from .pgserver import free_port
-from .services import (
+from harness.pgbouncer import PgBouncer, require_pgbouncer
+from harness.pgserver import free_port
+from harness.rendering import clean_env, render
+from harness.services import (
     ConnectionSampler,
     create_database,
     drop_database,
@@ -38,6 +38,7 @@ from .services import (
     running_service,
     with_database,
 )
+from harness.system import MissingProgramError
 
 DRIVERS = ["asyncpg", "psycopg"]
 UV_RUN = ["uv", "run", "--no-sync"]
@@ -94,8 +95,10 @@ def server(pg_admin_url: str) -> tuple[str, int]:
 @pytest.fixture
 def bouncer(server: tuple[str, int]) -> Iterator[PgBouncer]:
     """A PgBouncer of its own for each test, in front of the shared server."""
-    if find_pgbouncer() is None:
-        pytest.fail(HOW_TO_INSTALL, pytrace=False)
+    try:
+        require_pgbouncer()
+    except MissingProgramError as exc:
+        pytest.fail(str(exc), pytrace=False)
     host, port = server
     with PgBouncer(port, server_host=host, pool_size=BOUNCER_POOL_SIZE) as pgbouncer:
         yield pgbouncer

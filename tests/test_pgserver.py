@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from . import pgserver
+from harness import pgserver
 
 
 def test_throwaway_cluster_starts_answers_and_is_removed() -> None:

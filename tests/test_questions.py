@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .helpers import REPO_ROOT, render
+from harness.rendering import REPO_ROOT, render
 
 BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     # wrong type

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from .helpers import REPO_ROOT, questions
+from harness.rendering import REPO_ROOT, questions
 
 
 def readme_rows() -> list[list[str]]:

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .helpers import clean_env, render
-from .pgserver import HOW_TO_PROVIDE, find_bindir
-from .services import (
+from harness.pgserver import HOW_TO_PROVIDE, find_bindir
+from harness.rendering import clean_env, render
+from harness.services import (
     ConnectionSampler,
     RestartableCluster,
     accepts_connections,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .helpers import REPO_ROOT, questions, render, variant_id, variants
+from harness.rendering import REPO_ROOT, questions, render, variant_id, variants
 
 VARIANTS = list(variants())
 PKG = "my_service"

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from copier.errors import UserMessageError
 
-from .helpers import clean_env, render, variant_id
-from .updates import (
+from harness.rendering import clean_env, render, variant_id
+from harness.updates import (
     TemplateRepo,
     commit_all,
     copy_service,

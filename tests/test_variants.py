@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import clean_env, render, variant_id, variants
+from harness.rendering import clean_env, render, variant_id, variants
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:

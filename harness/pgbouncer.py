@@ -21,26 +21,22 @@ from pathlib import Path
 from types import TracebackType
 
 from .pgserver import free_port
+from .system import require_program
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 # Tries with a new port when the chosen one was taken before PgBouncer could bind it.
 START_ATTEMPTS = 3
-HOW_TO_INSTALL = "PgBouncer is not installed (Debian: apt-get install pgbouncer)."
 
 
 class PgBouncerError(RuntimeError):
     pass
 
 
-def find_pgbouncer() -> str | None:
-    found = shutil.which("pgbouncer")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def require_pgbouncer() -> str:
+    """The pgbouncer program: installed from Debian's package when missing and run as root,
+    otherwise a MissingProgramError that says how to install it."""
+    return require_program("pgbouncer")
 
 
 def _port_open(port: int) -> bool:
@@ -72,7 +68,7 @@ class PgBouncer:
         self.server_port = server_port
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
-        self.executable = executable or find_pgbouncer()
+        self.executable = executable or require_pgbouncer()
         self.port = 0
         self.root: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -140,8 +136,6 @@ class PgBouncer:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> PgBouncer:
-        if self.executable is None:
-            raise PgBouncerError(HOW_TO_INSTALL)
         self.root = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir="/tmp"))
         if os.geteuid() == 0:
             try:
@@ -175,7 +169,6 @@ class PgBouncer:
 
     def _launch(self) -> bool:
         """Start the process; True once it listens, False if it exited or timed out."""
-        assert self.executable is not None
         # As root, the child switches to postgres before it executes pgbouncer: what `runuser
         # -u postgres --` does, without runuser's process in between (on SIGTERM it waits
         # 2 s before it passes SIGKILL on, which made every stop take 2 s).

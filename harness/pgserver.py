@@ -66,7 +66,8 @@ class ThrowawayCluster:
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="pg-throwaway-", dir="/tmp"))
         self.data = self.root / "data"
-        self.prefix: list[str] = []
+        # As root, commands run as `postgres` (set by the child before it executes them).
+        self.as_user: dict[str, object] = {}
         if os.geteuid() == 0:
             try:
                 user = pwd.getpwnam("postgres")
@@ -76,14 +77,16 @@ class ThrowawayCluster:
                     "cluster as. " + HOW_TO_PROVIDE
                 ) from None
             os.chown(self.root, user.pw_uid, user.pw_gid)
-            self.prefix = ["runuser", "-u", "postgres", "--"]
+            self.as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self.prefix, *args], check=True, capture_output=True, text=True)
+        subprocess.run(
+            args, check=True, capture_output=True, text=True, cwd=self.root, **self.as_user
+        )
 
     def start(self) -> str:
         self._run(

@@ -1,4 +1,4 @@
-"""Rendering helpers shared by the template's tests."""
+"""Rendering the template: answers, variants, and a clean environment for rendered projects."""
 
 from __future__ import annotations
 
@@ -23,11 +23,6 @@ def questions() -> dict[str, dict[str, Any]]:
     """The questions of copier.yml, in prompt order (settings excluded)."""
     data = yaml.safe_load(COPIER_YML.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
-
-
-def settings() -> dict[str, Any]:
-    data = yaml.safe_load(COPIER_YML.read_text())
-    return {k: v for k, v in data.items() if k.startswith("_")}
 
 
 def answer_values(name: str) -> list[Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import copier
 
-from .helpers import REPO_ROOT, render
+from .rendering import REPO_ROOT, render
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Template Tests",

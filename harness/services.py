@@ -17,8 +17,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from .helpers import clean_env
 from .pgserver import ThrowawayCluster, free_port
+from .rendering import clean_env
 
 # Every wait below is bounded by one of these.
 SERVICE_START_TIMEOUT = 30.0
