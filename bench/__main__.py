@@ -1,7 +1,12 @@
 """Run every benchmark, print the tables and write the figures as JSON.
 
     bench/run [--out FILE] [--seconds N] [--warmup N] [--rounds N] [--tests N]
-              [--baseline REV|release|none] [--no-matrix] [--only TEXT]
+              [--baseline REV|release|none] [--template REV] [--no-matrix]
+              [--only TEXT [--only TEXT ...]]
+
+HTTP load: the rendered services, references (a)-(d), the rendered asyncpg service on
+SQLAlchemy's stock pool, and the knobs, each paired with a run of the default service; then
+per-test isolation and template operations (skipped with --only).
 
 Not part of the test suite: nothing here passes or fails on a figure.
 """
@@ -53,20 +58,41 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Load cases (for --only): rendered asyncpg | psycopg | aiosqlite, rendered "
+        "asyncpg @<baseline>, (a) raw asyncpg, (b) sync SQLAlchemy + psycopg, (c) plain async "
+        "SQLAlchemy, (d) peer template session, rendered asyncpg, stock pool, and the knobs "
+        "'asyncpg, <setting>'. Example: bench/run --rounds 3 --baseline none --only '(b)' "
+        "--only '(c)' --only '(d)' --only 'stock pool'",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=6, help="measured seconds per load run")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per load run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every load case")
     parser.add_argument("--tests", type=int, default=300, help="tiny tests per fixture case")
     parser.add_argument("--no-matrix", action="store_true", help="skip the variant matrix")
-    parser.add_argument("--only", help="run only the load cases whose name contains this")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the load cases whose name contains TEXT (repeat for several; the "
+        "default service runs anyway, paired with each) and skip the other benchmarks",
+    )
     parser.add_argument(
         "--baseline",
         default="release",
         help="template revision whose rendered asyncpg service is loaded too, for before and "
         "after in one run: a git revision, 'release' (the newest in CHANGELOG.md, the "
         "default) or 'none'",
+    )
+    parser.add_argument(
+        "--template",
+        default="HEAD",
+        metavar="REV",
+        help="template revision rendered for the current services: 'HEAD' (the default) is "
+        "the working tree with its uncommitted changes; a commit, e.g. $(git rev-parse HEAD), "
+        "renders that commit alone",
     )
     args = parser.parse_args()
     baseline: tuple[str, str] | None
@@ -96,6 +122,7 @@ def main() -> None:
             rounds=args.rounds,
             only=args.only,
             baseline=baseline,
+            template_ref=args.template,
         )
         figures["http"] = load
         if args.only is None:
@@ -109,12 +136,21 @@ def main() -> None:
 
     print(
         f"\n== HTTP load: {load['concurrency']} connections, {load['seconds']} s per run, "
-        f"median of {load['rounds']} rounds; cpu_us: service CPU time per request"
+        f"median of {load['rounds']} rounds; cpu_us: service CPU time per request; "
+        "connections: opened by the service during the measured run, most open at once "
+        "(sampled), opened from start-up to the end of the warm-up (most of any round)"
     )
     print(table(load["results"]))
     if load["ratios"]:
         print("\n== Rendered service / reference, requests per second: median (min-max) of rounds")
         print(table(load["ratios"]))
+    if load["pool"]:
+        print(
+            "\n== SQLAlchemy's stock pool / the hand-over pool (rendered asyncpg with defaults), "
+            "and connections each opened in its measured run: median (min-max) of rounds"
+        )
+        print(table(load["pool"]))
+    if load["knobs"]:
         print("\n== Knobs / rendered asyncpg with defaults: median (min-max) of rounds")
         print(table(load["knobs"]))
     if "fixtures" in figures:

@@ -6,11 +6,12 @@ from collections.abc import Mapping, Sequence
 
 
 def cell(value: object) -> str:
-    """A figure as text: floats with two decimals, a spread as `median (min-max)`."""
+    """A figure as text: floats with two decimals, whole numbers as they are, a spread as
+    `median (min-max)`."""
     if isinstance(value, float):
         return f"{value:.2f}"
     if isinstance(value, Mapping) and {"median", "min", "max"} <= value.keys():
-        return f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+        return f"{cell(value['median'])} ({cell(value['min'])}-{cell(value['max'])})"
     return "" if value is None else str(value)
 
 

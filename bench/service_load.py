@@ -12,11 +12,27 @@ loaded by wrk over loopback: a warm-up, then the measured run. Cases:
   psycopg in FastAPI's thread pool;
 - reference (c), `bench/apps/plain_sqlalchemy.py`: a plain async SQLAlchemy session on
   asyncpg, opened in the handler, with SQLAlchemy's defaults (the ORM's own floor);
+- reference (d), `bench/apps/peer_template.py`: what other FastAPI templates render, a `yield`
+  session dependency on SQLAlchemy's stock pool (5 + 10, pre-ping on), asyncpg, the commit in
+  the POST handler;
+- the rendered asyncpg service with SQLAlchemy's stock `AsyncAdaptedQueuePool` in place of the
+  template's hand-over pool (`bench/apps/rendered_stock_pool.py`, the rendered code unedited):
+  whether that pool earns its place;
 - the rendered asyncpg service with one setting changed at a time (the knobs).
 
 Besides requests per second and latency, each case reports the CPU time its service process
 spent per request (`cpu_us`): what the service's own code costs, whatever wrk and PostgreSQL
 take of the other core. It drifts with the machine's speed as the throughput does.
+
+PostgreSQL cases also report the connections their service opened, from the server's own
+counter (`pg_stat_database.sessions` of the bench database): `connections_opened` during the
+measured run (read after the warm-up, and again once the service has stopped),
+`connections_opened_warmup` from start-up to the end of the warm-up; and `connections_peak`,
+the most client connections to the database open at once during the measured run
+(`pg_stat_activity`, sampled every 50 ms, so a shorter peak can be missed). A server process
+adds its session to the counter when it first goes idle, before its client can send a query,
+and at exit; so the counts are exact whenever the server's statistics lock was free then
+(PostgreSQL 15 skips a flush rather than wait for it, and retries within seconds).
 
 The PostgreSQL cases share one database (created on the admin URL, migrated by the rendered
 project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory.
@@ -31,6 +47,7 @@ import shutil
 import sqlite3
 import statistics
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -99,7 +116,10 @@ class Result:
     cpu_us: float
     requests: int
     errors: int
+    # PostgreSQL only (None on SQLite): see the module docstring.
     connections_opened: int | None
+    connections_peak: int | None
+    connections_opened_warmup: int | None
 
 
 def wrk_script(endpoint: str, tag: str) -> str:
@@ -146,6 +166,44 @@ def sessions_opened(admin_url: str, database: str) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+class ConnectionSampler(threading.Thread):
+    """The most client connections to `database` open at once, counted every `interval`
+    seconds on a connection of its own to the admin database (so it never counts itself).
+    Autovacuum workers, which also show under the database's name, are left out."""
+
+    def __init__(self, admin_url: str, database: str, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.admin_url = admin_url
+        self.database = database
+        self.interval = interval
+        self.peak = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = %s AND backend_type = 'client backend'"
+        )
+        try:
+            with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+                while not self._stop_event.is_set():
+                    # A new snapshot each time: pg_stat_activity is cached per transaction,
+                    # and in autocommit every statement is its own.
+                    row = conn.execute(query, (self.database,)).fetchone()
+                    self.peak = max(self.peak, int(row[0]) if row else 0)
+                    self._stop_event.wait(self.interval)
+        except Exception as exc:
+            self.error = exc
+
+    def finish(self) -> int:
+        self._stop_event.set()
+        self.join(10)
+        if self.is_alive() or self.error is not None:
+            raise RuntimeError(f"connection sampler failed: {self.error!r}")
+        return self.peak
+
+
 class Bench:
     """Renders the variants, prepares their databases and runs the cases."""
 
@@ -157,6 +215,7 @@ class Bench:
         warmup: int,
         conc: int,
         baseline: tuple[str, str] | None = None,
+        template_ref: str = "HEAD",
     ):
         self.work = work
         self.admin_url = admin_url
@@ -168,10 +227,12 @@ class Bench:
         self.sqlite_path = work / "bench.db"
         # (label, git revision) of the template version rendered for the baseline case.
         self.baseline = baseline
+        # The revision rendered for the current services ("HEAD": the working tree).
+        self.template_ref = template_ref
         self.roots: dict[str, Path] = {}
 
     def prepare(self) -> None:
-        projects = {driver: (driver, "HEAD") for driver in DRIVERS}
+        projects = {driver: (driver, self.template_ref) for driver in DRIVERS}
         if self.baseline is not None:
             label, revision = self.baseline
             projects[baseline_project(label)] = ("asyncpg", revision)
@@ -219,7 +280,9 @@ class Bench:
         warm.write_text(wrk_script(case.endpoint, f"{tag}-warm"))
         measured.write_text(wrk_script(case.endpoint, tag))
         is_pg = case.driver != "aiosqlite"
-        before = sessions_opened(self.admin_url, self.database) if is_pg else 0
+        at_start = sessions_opened(self.admin_url, self.database) if is_pg else 0
+        before = at_start
+        peak: int | None = None
         service = Service(
             root, self.work / f"{tag}.log", app=case.app, uvicorn_args=UVICORN_ARGS, **env
         )
@@ -229,13 +292,23 @@ class Bench:
             url = service.base_url + path
             wrk(url, warm, self.warmup, self.connections)
             assert service.proc is not None
+            sampler = None
+            if is_pg:
+                before = sessions_opened(self.admin_url, self.database)
+                sampler = ConnectionSampler(self.admin_url, self.database)
+                sampler.start()
             cpu_before = group_cpu_seconds(service.proc.pid)
-            figures = wrk(url, measured, self.seconds, self.connections)
-            cpu = group_cpu_seconds(service.proc.pid) - cpu_before
+            try:
+                figures = wrk(url, measured, self.seconds, self.connections)
+                cpu = group_cpu_seconds(service.proc.pid) - cpu_before
+            finally:
+                if sampler is not None:
+                    peak = sampler.finish()
         finally:
             service.stop()
-        # The server counts a session when it starts; stopping the service closed them all.
-        opened = sessions_opened(self.admin_url, self.database) - before if is_pg else None
+        # Read once the service has stopped: every one of its sessions has ended, and a server
+        # process reports its session at exit at the latest.
+        after = sessions_opened(self.admin_url, self.database) if is_pg else 0
         return Result(
             name=case.name,
             group=case.group,
@@ -246,13 +319,24 @@ class Bench:
             cpu_us=round(cpu * 1e6 / max(figures["requests"], 1), 1),
             requests=figures["requests"],
             errors=figures["non_2xx"] + figures["socket_errors"],
-            connections_opened=opened,
+            connections_opened=after - before if is_pg else None,
+            connections_peak=peak,
+            connections_opened_warmup=before - at_start if is_pg else None,
         )
 
 
 RAW = "(a) raw asyncpg"
 SYNC = "(b) sync SQLAlchemy + psycopg"
 PLAIN = "(c) plain async SQLAlchemy"
+PEER = "(d) peer template session"
+STOCK_POOL = "rendered asyncpg, stock pool"
+# Reference columns of the ratios table, in order.
+REFERENCES = (
+    ("vs_raw_asyncpg", RAW),
+    ("vs_sync_sqlalchemy", SYNC),
+    ("vs_plain_sqlalchemy", PLAIN),
+    ("vs_peer_template", PEER),
+)
 # A knob's environment may name the case's own database URL.
 DATABASE_URL_MARK = "$DATABASE_URL"
 
@@ -281,6 +365,8 @@ def cases(baseline: str | None = None) -> list[Case]:
         found.append(Case(RAW, "reference", "asyncpg", endpoint, app="raw_asyncpg:app"))
         found.append(Case(SYNC, "reference", "psycopg", endpoint, app="sync_sqlalchemy:app"))
         found.append(Case(PLAIN, "reference", "asyncpg", endpoint, app="plain_sqlalchemy:app"))
+        found.append(Case(PEER, "reference", "asyncpg", endpoint, app="peer_template:app"))
+        found.append(Case(STOCK_POOL, "pool", "asyncpg", endpoint, app="rendered_stock_pool:app"))
     knobs = {
         "pre_ping off": {"DB_POOL_PRE_PING": "false"},
         "statement timeout off": {"DB_STATEMENT_TIMEOUT": "0"},
@@ -300,9 +386,13 @@ def cases(baseline: str | None = None) -> list[Case]:
 
 def median_result(runs: list[Result]) -> Result:
     """One row for a case's rounds: the median of each figure; errors summed over rounds, and
-    the most connections any round opened."""
+    for connections the most of any round."""
     first = runs[0]
-    opened = [r.connections_opened for r in runs if r.connections_opened is not None]
+
+    def most(figure: str) -> int | None:
+        values = [getattr(r, figure) for r in runs if getattr(r, figure) is not None]
+        return max(values) if values else None
+
     return Result(
         name=first.name,
         group=first.group,
@@ -313,7 +403,9 @@ def median_result(runs: list[Result]) -> Result:
         cpu_us=round(statistics.median(r.cpu_us for r in runs), 1),
         requests=sum(r.requests for r in runs),
         errors=sum(r.errors for r in runs),
-        connections_opened=max(opened) if opened else None,
+        connections_opened=most("connections_opened"),
+        connections_peak=most("connections_peak"),
+        connections_opened_warmup=most("connections_opened_warmup"),
     )
 
 
@@ -339,18 +431,17 @@ def relative(pair: tuple[Result, Result], figure: str = "rps") -> float:
 def ratios(rounds: list[Round]) -> list[dict[str, Any]]:
     """Each rendered service's throughput as a multiple of each reference's. Both are taken
     relative to the default service measured just before them, within seconds, so a change
-    in the machine's speed between the two runs cancels out: (X / dX) / (R / dR)."""
+    in the machine's speed between the two runs cancels out: (X / dX) / (R / dR). A reference
+    left out of the run (--only) has no column."""
     rows = []
     for key, (result, _) in rounds[0].items():
         name, endpoint = key
         if result.group not in ("rendered", "baseline"):
             continue
         row: dict[str, Any] = {"name": name, "endpoint": endpoint}
-        for column, reference in (
-            ("vs_raw_asyncpg", RAW),
-            ("vs_sync_sqlalchemy", SYNC),
-            ("vs_plain_sqlalchemy", PLAIN),
-        ):
+        for column, reference in REFERENCES:
+            if (reference, endpoint) not in rounds[0]:
+                continue
             row[column] = spread(
                 [relative(r[key]) / relative(r[(reference, endpoint)]) for r in rounds]
             )
@@ -358,21 +449,35 @@ def ratios(rounds: list[Round]) -> list[dict[str, Any]]:
     return rows
 
 
-def knob_costs(rounds: list[Round]) -> list[dict[str, Any]]:
-    """Each knob against the default service measured just before it: throughput and CPU per
-    request as multiples of the default's."""
+def count_spread(values: list[int]) -> dict[str, float]:
+    """Median, smallest and largest of counts; whole numbers stay whole."""
+    median = statistics.median(values)
+    return {
+        "median": int(median) if float(median).is_integer() else median,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def against_default(rounds: list[Round], group: str) -> list[dict[str, Any]]:
+    """Each case of `group` against the default service measured just before it: throughput,
+    CPU per request and p99 latency as multiples of the default's; the connections each
+    opened during the measured run side by side (PostgreSQL cases)."""
     rows = []
     for key, (result, _) in rounds[0].items():
-        if result.group != "knob":
+        if result.group != group:
             continue
-        rows.append(
-            {
-                "name": key[0],
-                "endpoint": key[1],
-                "rps_vs_default": spread([relative(r[key]) for r in rounds]),
-                "cpu_vs_default": spread([relative(r[key], "cpu_us") for r in rounds]),
-            }
-        )
+        row: dict[str, Any] = {
+            "name": key[0],
+            "endpoint": key[1],
+            "rps_vs_default": spread([relative(r[key]) for r in rounds]),
+            "cpu_vs_default": spread([relative(r[key], "cpu_us") for r in rounds]),
+            "p99_vs_default": spread([relative(r[key], "p99_ms") for r in rounds]),
+        }
+        if result.connections_opened is not None:
+            for column, index in (("connections_opened", 0), ("default_connections_opened", 1)):
+                row[column] = count_spread([r[key][index].connections_opened or 0 for r in rounds])
+        rows.append(row)
     return rows
 
 
@@ -383,11 +488,13 @@ def run_all(
     warmup: int = 2,
     connections: int = 64,
     rounds: int = 3,
-    only: str | None = None,
+    only: list[str] | None = None,
     baseline: tuple[str, str] | None = None,
+    template_ref: str = "HEAD",
 ) -> dict[str, Any]:
-    """Every case `rounds` times, each round in its own shuffled order, each case right after
-    a run of the default service (rendered asyncpg, same endpoint).
+    """Every case (or those whose name contains one of `only`) `rounds` times, each round in
+    its own shuffled order, each case right after a run of the default service (rendered
+    asyncpg, same endpoint), which therefore runs whatever the selection.
 
     The speed of a shared machine drifts over minutes, by a third and more. Comparisons are
     made against the adjacent default run (see ratios), and reported as the median over the
@@ -399,8 +506,10 @@ def run_all(
     label = baseline[0] if baseline is not None else None
     all_cases = cases(label)
     defaults = {c.endpoint: c for c in all_cases if c.name == DEFAULT}
-    selected = [c for c in all_cases if only is None or only in c.name]
-    bench = Bench(work, admin_url, seconds, warmup, connections, baseline)
+    selected = [c for c in all_cases if not only or any(text in c.name for text in only)]
+    if not selected:
+        raise SystemExit(f"no load case matches --only {only}")
+    bench = Bench(work, admin_url, seconds, warmup, connections, baseline, template_ref)
     bench.prepare()
 
     def measure(case: Case, round_no: int) -> Result:
@@ -427,17 +536,17 @@ def run_all(
                 default = measure(defaults[case.endpoint], round_no)
                 default_runs[case.endpoint].append(default)
                 measured[(case.name, case.endpoint)] = (measure(case, round_no), default)
-            for endpoint, case in defaults.items():
+            for endpoint in defaults:
                 # The default against itself (a ratio of 1): against a reference R its ratio
-                # is then dR / R, with R's adjacent default run.
+                # is then dR / R, with R's adjacent default run. It ran in every selection.
                 runs = [d for (_, e), (_, d) in measured.items() if e == endpoint]
-                if case in selected and runs:
+                if runs:
                     measured[(DEFAULT, endpoint)] = (runs[0], runs[0])
             # Rows in the order of cases(), whatever order they ran in.
             by_round.append(
                 {
                     (c.name, c.endpoint): measured[(c.name, c.endpoint)]
-                    for c in selected
+                    for c in all_cases
                     if (c.name, c.endpoint) in measured
                 }
             )
@@ -448,16 +557,24 @@ def run_all(
         name, endpoint = key
         runs = default_runs[endpoint] if name == DEFAULT else [r[key][0] for r in by_round]
         results.append(median_result(runs))
-    complete = only is None
     return {
         "concurrency": connections,
         "seconds": seconds,
         "rounds": rounds,
+        "only": only,
         "results": [asdict(r) for r in results],
-        "ratios": ratios(by_round) if complete else [],
-        "knobs": knob_costs(by_round) if complete else [],
+        "ratios": ratios(by_round),
+        "pool": against_default(by_round, "pool"),
+        "knobs": against_default(by_round, "knob"),
         "all_rounds": [
-            [{**asdict(result), "default_rps": default.rps} for result, default in r.values()]
+            [
+                {
+                    **asdict(result),
+                    "default_rps": default.rps,
+                    "default_connections_opened": default.connections_opened,
+                }
+                for result, default in r.values()
+            ]
             for r in by_round
         ],
     }
