@@ -17,17 +17,17 @@ DRIVERS: dict[str, dict[str, Any]] = {
     "asyncpg": {
         "url_scheme": "postgresql+asyncpg",
         "driver_requirement": "asyncpg>=0.30",
-        "database": "postgresql",
+        "is_postgres": True,
     },
     "psycopg": {
         "url_scheme": "postgresql+psycopg",
         "driver_requirement": "psycopg[binary]>=3.2",
-        "database": "postgresql",
+        "is_postgres": True,
     },
     "aiosqlite": {
         "url_scheme": "sqlite+aiosqlite",
         "driver_requirement": "aiosqlite>=0.20",
-        "database": "sqlite",
+        "is_postgres": False,
     },
 }
 
@@ -63,36 +63,34 @@ class DatabaseFacts(ContextHook):
     def hook(self, context: dict[str, Any]) -> None:
         driver = context.get("db_driver") or "asyncpg"
         facts = DRIVERS.get(driver, DRIVERS["asyncpg"])
-        is_postgres = facts["database"] == "postgresql"
+        is_postgres = facts["is_postgres"]
         db_name = context.get("db_name") or "app"
-        # The same URL with the driver left out: what .env.example shows, so that a .env
-        # written for one PostgreSQL driver keeps working after switching to the other.
-        uses_pgbouncer = is_postgres and context.get("db_pooler") == "pgbouncer"
+        # PgBouncer in transaction mode: no prepared statements, no session-level settings.
+        uses_pooler = is_postgres and context.get("db_pooler") == "pgbouncer"
+        # The URL without the driver: what .env.example shows, so that a .env written for one
+        # PostgreSQL driver keeps working after switching to the other.
         if is_postgres:
             # PgBouncer listens on 6432 by convention, PostgreSQL on 5432.
-            port = 6432 if uses_pgbouncer else 5432
+            port = 6432 if uses_pooler else 5432
             portable_url = f"postgresql://postgres@localhost:{port}/{db_name}"
         else:
             portable_url = f"sqlite:///./{db_name}.db"
-        rest = portable_url.split(":", 1)[1]
-        default_url = facts["url_scheme"] + ":" + rest
         context.update(
             {
                 "python_keywords": keyword.kwlist + keyword.softkwlist,
                 "reserved_package_names": RESERVED_PACKAGE_NAMES,
-                "driver_names": list(DRIVERS),
-                "database": facts["database"],
                 "is_postgres": is_postgres,
                 "is_sqlite": not is_postgres,
+                "is_asyncpg": driver == "asyncpg",
+                "is_psycopg": driver == "psycopg",
+                "uses_pooler": uses_pooler,
+                "use_alembic": context.get("migrations", "alembic") == "alembic",
                 "url_scheme": facts["url_scheme"],
                 "driver_requirement": facts["driver_requirement"],
-                "default_database_url": default_url,
                 "portable_database_url": portable_url,
-                # The statement timeout is a PostgreSQL setting; SQLite has none.
-                "has_statement_timeout": is_postgres,
-                "use_alembic": context.get("migrations", "alembic") == "alembic",
-                # Transaction pooling: no prepared statements, no session-level settings.
-                "uses_pgbouncer": uses_pgbouncer,
+                "default_database_url": facts["url_scheme"] + ":" + portable_url.split(":", 1)[1],
+                # The per-driver part of the engine (db/driver.py).
+                "driver_include": f"includes/driver/{driver}.py.jinja",
                 "project_slug": (context.get("package_name") or "app").replace("_", "-"),
             }
         )

@@ -31,25 +31,36 @@ ALWAYS = [
     f"src/{PKG}/main.py",
     f"src/{PKG}/db/__init__.py",
     f"src/{PKG}/db/base.py",
+    f"src/{PKG}/db/database.py",
+    f"src/{PKG}/db/driver.py",
     f"src/{PKG}/db/engine.py",
     f"src/{PKG}/db/errors.py",
-    f"src/{PKG}/db/startup.py",
+    f"src/{PKG}/db/listeners.py",
+    f"src/{PKG}/db/pool.py",
     f"src/{PKG}/db/session.py",
+    f"src/{PKG}/db/startup.py",
     f"src/{PKG}/api/__init__.py",
+    f"src/{PKG}/api/deps.py",
+    f"src/{PKG}/api/errors.py",
     f"src/{PKG}/api/health.py",
     f"src/{PKG}/models/__init__.py",
     "tests/__init__.py",
     "tests/conftest.py",
-    "tests/test_faults.py",
+    "tests/support.py",
+    "tests/test_driver.py",
+    "tests/test_errors.py",
     "tests/test_health.py",
+    "tests/test_listeners.py",
     "tests/test_naming.py",
     "tests/test_no_update_conflicts.py",
+    "tests/test_pool.py",
+    "tests/test_read_sessions.py",
     "tests/test_session.py",
     "tests/test_settings.py",
+    "tests/test_startup.py",
 ]
 POSTGRES_ONLY = [
     "docker-compose.yml",
-    "tests/test_postgres_faults.py",
     "tests/test_statement_timeout.py",
 ]
 ALEMBIC_ONLY = [
@@ -65,6 +76,7 @@ EXAMPLE_ONLY = [
     f"src/{PKG}/api/items.py",
     "tests/test_items.py",
 ]
+PROTOTYPE_ONLY = [f"src/{PKG}/db/prototype.py"]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
 
 DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
@@ -91,6 +103,7 @@ def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None
     groups = [
         (POSTGRES_ONLY, is_postgres),
         (ALEMBIC_ONLY, alembic),
+        (PROTOTYPE_ONLY, not alembic),
         (EXAMPLE_ONLY, example),
         (ALEMBIC_AND_EXAMPLE, alembic and example),
     ]
@@ -201,14 +214,16 @@ def test_template_paths_have_no_double_quotes() -> None:
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str) -> None:
     root = render(tmp_path / "s", db_driver=driver, db_pooler="pgbouncer")
-    engine = (root / "src" / PKG / "db" / "engine.py").read_text()
+    db = root / "src" / PKG / "db"
+    driver_py = (db / "driver.py").read_text()
     if driver == "asyncpg":
-        assert '"statement_cache_size": 0' in engine
-        assert '"prepared_statement_cache_size": 0' in engine
+        assert '"statement_cache_size": 0' in driver_py
+        assert '"prepared_statement_cache_size": 0' in driver_py
     else:
-        assert 'args["prepare_threshold"] = None' in engine
-    assert "SET LOCAL statement_timeout" in engine
-    assert '"default_transaction_read_only"' not in engine  # a startup parameter PgBouncer refuses
+        assert 'args["prepare_threshold"] = None' in driver_py
+    assert "SET LOCAL statement_timeout" in (db / "listeners.py").read_text()
+    # A startup parameter PgBouncer refuses.
+    assert "default_transaction_read_only" not in driver_py
     assert "database_direct_url" in (root / "src" / PKG / "config.py").read_text()
     assert "database_direct_url" in (root / "migrations" / "env.py").read_text()
     env = (root / ".env.example").read_text()
@@ -224,6 +239,6 @@ def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str)
 
 def test_direct_mode_has_no_pooler_parts(tmp_path: Path) -> None:
     root = render(tmp_path / "s")
-    assert "statement_cache_size" not in (root / "src" / PKG / "db" / "engine.py").read_text()
+    assert "statement_cache_size" not in (root / "src" / PKG / "db" / "driver.py").read_text()
     assert "pgbouncer" not in yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
     assert "DATABASE_DIRECT_URL" not in (root / ".env.example").read_text()

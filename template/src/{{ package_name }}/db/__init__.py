@@ -1,25 +1,11 @@
-"""Database layer: declarative base, engine factory and sessions."""
+"""Database layer: the Database object, the declarative base, engines and sessions.
+
+Nothing here depends on the web framework: scripts, workers and tests use it as it is.
+"""
 
 from .base import Base
+from .database import Database
 from .engine import make_engine
-from .session import (
-    ReadSessionDep,
-    SessionDep,
-    get_db,
-    get_read_sessionmaker,
-    get_sessionmaker,
-    make_sessionmaker,
-    session_scope,
-)
+from .session import make_sessionmaker, session_scope
 
-__all__ = [
-    "Base",
-    "ReadSessionDep",
-    "SessionDep",
-    "get_db",
-    "get_read_sessionmaker",
-    "get_sessionmaker",
-    "make_engine",
-    "make_sessionmaker",
-    "session_scope",
-]
+__all__ = ["Base", "Database", "make_engine", "make_sessionmaker", "session_scope"]
