@@ -6,6 +6,10 @@ renames a question or moves a file. copier runs them inside the service being up
     move-file OLD NEW       stage "after": the service's own version of OLD (from the last
                             commit, since copier deletes OLD) replaces the freshly rendered
                             NEW. For a file moved without other changes in that release.
+    move-imports OLD NEW NAME...
+                            stage "after": in the service's Python files, imports of NAME
+                            from module OLD (absolute or relative) come from module NEW.
+                            For names that moved to another module.
 
 Uses only the standard library: it runs with the Python that runs copier.
 """
@@ -13,6 +17,7 @@ Uses only the standard library: it runs with the Python that runs copier.
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import subprocess
 import sys
@@ -50,18 +55,109 @@ def move_file(old: str, new: str) -> str:
     return f"moved {old} to {new}, keeping its content from the last commit"
 
 
+# The rendered service's line length (pyproject.toml, [tool.ruff]).
+MAX_LINE = 100
+SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".mypy_cache", ".ruff_cache", "node_modules"}
+
+
+def module_of(path: Path) -> str:
+    """The dotted module a file under src/ or the project root defines."""
+    parts = list(path.with_suffix("").parts)
+    if parts and parts[0] == "src":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute module an ImportFrom names."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def spell(target: str, module: str, is_package: bool, relative: bool) -> str:
+    """`target` as written from `module`: relative when the original import was."""
+    if not relative:
+        return target
+    here = module.split(".") if is_package else module.split(".")[:-1]
+    there = target.split(".")
+    common = 0
+    while common < min(len(here), len(there)) and here[common] == there[common]:
+        common += 1
+    if common == 0:
+        return target
+    return "." * (len(here) - common + 1) + ".".join(there[common:])
+
+
+def rewrite_imports(path: Path, old: str, new: str, names: set[str]) -> bool:
+    """Move imports of `names` from `old` to `new` in one file; True if it changed."""
+    source = path.read_text()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    module, is_package = module_of(path), path.name == "__init__.py"
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or resolve(node, module, is_package) != old:
+            continue
+        moved = [alias for alias in node.names if alias.name in names]
+        if not moved or node.end_lineno is None:
+            continue
+        kept = [alias for alias in node.names if alias.name not in names]
+        indent = lines[node.lineno - 1][: node.col_offset]
+        here = "." * node.level + (node.module or "")
+
+        def statement(spec: str, aliases: list[ast.alias], indent: str = indent) -> str:
+            listed = [ast.unparse(alias) for alias in aliases]
+            line = f"{indent}from {spec} import {', '.join(listed)}\n"
+            if len(line) <= MAX_LINE:
+                return line
+            body = "".join(f"{indent}    {name},\n" for name in listed)
+            return f"{indent}from {spec} import (\n{body}{indent})\n"
+
+        text = statement(spell(new, module, is_package, node.level > 0), moved)
+        if kept:
+            text = statement(here, kept) + text
+        edits.append((node.lineno - 1, node.end_lineno, text))
+    for start, end, text in sorted(edits, reverse=True):
+        lines[start:end] = [text]
+    if edits:
+        path.write_text("".join(lines))
+    return bool(edits)
+
+
+def move_imports(old: str, new: str, names: list[str]) -> str:
+    changed = []
+    for path in sorted(Path().rglob("*.py")):
+        if SKIP_DIRS.intersection(path.parts):
+            continue
+        if rewrite_imports(path, old, new, set(names)):
+            changed.append(str(path))
+    if not changed:
+        return f"no imports of {', '.join(names)} from {old}"
+    return f"imports of {', '.join(names)} now come from {new} in: {', '.join(changed)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
-    for name in ("rename-answer", "move-file"):
+    for name in ("rename-answer", "move-file", "move-imports"):
         step = sub.add_parser(name)
         step.add_argument("old")
         step.add_argument("new")
+        if name == "move-imports":
+            step.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     if args.step == "rename-answer":
         print(rename_answer(args.old, args.new))
-    else:
+    elif args.step == "move-file":
         print(move_file(args.old, args.new))
+    else:
+        print(move_imports(args.old, args.new, args.names))
     return 0
 
 

@@ -327,27 +327,109 @@ RELEASE_VARIANTS = [
 ]
 
 
+@dataclass
+class Releases:
+    """The newest release in CHANGELOG.md, tagged with its own version, and this working
+    tree, tagged as the next minor version: the `_migrations` between them run."""
+
+    template: TemplateRepo
+    old: str
+    new: str
+
+
+def next_minor(version: str) -> str:
+    major, minor, _ = (int(part) for part in version.split("."))
+    return f"{major}.{minor + 1}.0"
+
+
 @pytest.fixture(scope="module")
-def release_template(tmp_path_factory: pytest.TempPathFactory) -> TemplateRepo:
-    """1.0.0 = the newest release in CHANGELOG.md, 2.0.0 = this working tree."""
-    _, commit = previous_release()
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    version, commit = previous_release()
     template = TemplateRepo(tmp_path_factory.mktemp("release") / "template")
     template.load_commit(commit)
-    template.release("1.0.0")
+    template.release(version)
     template.load_working_tree()
-    template.release("2.0.0")
-    return template
+    template.release(next_minor(version))
+    return Releases(template, version, next_minor(version))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", RELEASE_VARIANTS, ids=variant_id)
 def test_update_from_the_previous_release(
-    tmp_path: Path, release_template: TemplateRepo, pg_admin_url: str, data: dict[str, Any]
+    tmp_path: Path, releases: Releases, pg_admin_url: str, data: dict[str, Any]
 ) -> None:
-    service = copy_service(release_template.path, tmp_path / "service", "1.0.0", **data)
+    service = copy_service(releases.template.path, tmp_path / "service", releases.old, **data)
     update_service(service)
-    assert answers(service)["_commit"] == "2.0.0"
+    assert answers(service)["_commit"] == releases.new
     assert unmerged(service) == []
-    fresh = render(tmp_path / "fresh", src=release_template.path, vcs_ref="2.0.0", **data)
+    fresh = render(tmp_path / "fresh", src=releases.template.path, vcs_ref=releases.new, **data)
     assert tree(service) == tree(fresh)
     run_own_tests(service, pg_admin_url)
+
+
+MAIN_PY = f"src/{PKG}/main.py"
+SESSION_PY = f"src/{PKG}/db/session.py"
+OWNER_ROUTER = f"src/{PKG}/api/orders.py"
+OWNER_ROUTER_CODE = '''"""Orders: the owner's router, written against the previous release."""
+
+from fastapi import APIRouter
+
+from ..db import SessionDep
+
+router = APIRouter(prefix="/orders")
+
+
+@router.get("")
+async def list_orders(session: SessionDep) -> list[str]:
+    return []
+'''
+# Lines of the owner's own in files the template rewrites.
+OWNER_MAIN_LINE = "    app.include_router(orders.router)  # the owner's router\n"
+OWNER_SESSION_LINE = '        session.info["tenant"] = "acme"  # the owner\'s edit\n'
+
+
+def test_update_from_the_previous_release_with_owner_edits_reports_conflicts(
+    tmp_path: Path, releases: Releases
+) -> None:
+    """The owner edited main.py and db/session.py, which this release rewrites, and has a
+    router importing SessionDep from db/: the update must keep every owner line, leave
+    conflicts the guard reports where the two changes meet, and move the router's import."""
+    service = copy_service(releases.template.path, tmp_path / "service", releases.old)
+    main = service / MAIN_PY
+    text = main.read_text()
+    text = text.replace(
+        "from .api import health, items\n", "from .api import health, items, orders\n"
+    )
+    text = text.replace(
+        "    app.include_router(items.router)\n",
+        "    app.include_router(items.router)\n" + OWNER_MAIN_LINE,
+    )
+    main.write_text(text)
+    session = service / SESSION_PY
+    text = session.read_text()
+    anchor = "    async with session_scope(sessionmaker) as session:\n        yield session\n"
+    assert text.count(anchor) == 2, "the previous release's get_db and get_read_db"
+    session.write_text(
+        text.replace(
+            anchor, anchor.replace("        yield", OWNER_SESSION_LINE + "        yield"), 1
+        )
+    )
+    (service / OWNER_ROUTER).write_text(OWNER_ROUTER_CODE)
+    commit_all(service, "the owner's edits")
+
+    update_service(service)
+
+    assert answers(service)["_commit"] == releases.new
+    assert set(unmerged(service)) == {MAIN_PY, SESSION_PY}
+    for name, line in ((MAIN_PY, OWNER_MAIN_LINE), (SESSION_PY, OWNER_SESSION_LINE)):
+        text = (service / name).read_text()
+        assert line in text, f"the owner's line in {name} was lost"
+        assert "<<<<<<< before updating" in text
+    result = guard(service)
+    assert result.returncode == 1, result.stdout
+    assert MAIN_PY in result.stdout
+    assert SESSION_PY in result.stdout
+    # The _migrations step moved the router's import; the rest of the file is as it was.
+    assert (service / OWNER_ROUTER).read_text() == OWNER_ROUTER_CODE.replace(
+        "from ..db import SessionDep", "from .deps import SessionDep"
+    )
