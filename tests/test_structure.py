@@ -47,6 +47,7 @@ ALWAYS = [
     "tests/__init__.py",
     "tests/conftest.py",
     "tests/support.py",
+    "tests/test_database.py",
     "tests/test_driver.py",
     "tests/test_errors.py",
     "tests/test_health.py",
