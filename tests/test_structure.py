@@ -212,6 +212,37 @@ def test_template_paths_have_no_double_quotes() -> None:
         assert '"' not in path.name, path
 
 
+def test_rendered_code_is_small_and_untangled(rendered: tuple[dict[str, Any], Path]) -> None:
+    """db/ holds no web framework, nothing casts, app.state is not used, modules stay small."""
+    _, root = rendered
+    package = root / "src" / PKG
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        name = path.relative_to(root)
+        assert len(text.splitlines()) <= 200, f"{name} has more than 200 lines"
+        assert "cast(" not in text, name
+        assert "app.state" not in text, name
+        if "db" in path.relative_to(package).parts:
+            assert not re.search(r"^\s*(from|import) (fastapi|starlette)\b", text, re.M), name
+
+
+def test_jinja_stays_out_of_python_lines() -> None:
+    """Conditions in Python templates are blocks on lines of their own, never inside an
+    import or an expression."""
+    sources = [
+        *(REPO_ROOT / "template").rglob("*.py.jinja"),
+        *(REPO_ROOT / "includes").rglob("*.jinja"),
+    ]
+    assert sources
+    for path in sources:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if "{%" in line:
+                assert stripped.startswith("{%"), f"{path}:{number}"
+                assert stripped.endswith("%}"), f"{path}:{number}"
+            assert not re.search(r"\{\{[^}]*\b(if|else)\b", line), f"{path}:{number}"
+
+
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str) -> None:
     root = render(tmp_path / "s", db_driver=driver, db_pooler="pgbouncer")
