@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.rendering import REPO_ROOT, questions, render, variant_id, variants
+from harness.rendering import REPO_ROOT, answer_values, questions, render, variant_id, variants
 
 VARIANTS = list(variants())
 PKG = "my_service"
@@ -21,6 +21,8 @@ ALWAYS = [
     ".copier-answers.yml",
     ".env.example",
     ".gitignore",
+    ".dockerignore",
+    "Dockerfile",
     ".github/workflows/ci.yml",
     "README.md",
     "docs/database.md",
@@ -174,6 +176,48 @@ def test_compose_has_a_healthy_postgres(rendered: tuple[dict[str, Any], Path]) -
     db = compose["services"]["db"]
     assert db["image"].startswith("postgres:")
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    check_compose_services(root, {**data, "db_pooler": "none"})
+
+
+@pytest.mark.parametrize("migrations", answer_values("migrations"))
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_compose_with_pgbouncer(tmp_path: Path, driver: str, migrations: str) -> None:
+    data = {"db_driver": driver, "migrations": migrations, "db_pooler": "pgbouncer"}
+    check_compose_services(render(tmp_path / "s", **data), data)
+
+
+def check_compose_services(root: Path, data: dict[str, Any]) -> None:
+    """docker-compose.yml is valid against the compose specification's schema; app and
+    migrate are built from the service's Dockerfile; migrate runs once before app, past
+    PgBouncer when there is one."""
+    path = root / "docker-compose.yml"
+    schema = ["--builtin-schema", "vendor.compose-spec"]
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", *schema, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    pooled = data["db_pooler"] == "pgbouncer"
+    alembic = data["migrations"] == "alembic"
+    expected = {"db", "app"} | ({"pgbouncer"} if pooled else set())
+    assert set(services) == expected | ({"migrate"} if alembic else set())
+    app = services["app"]
+    assert app["build"] == "."
+    assert app["ports"] == ["127.0.0.1:8000:8000"]
+    host = "pgbouncer:6432" if pooled else "db:5432"
+    assert f"@{host}/" in app["environment"]["DATABASE_URL"]
+    if alembic:
+        migrate = services["migrate"]
+        assert migrate["build"] == "."
+        assert migrate["command"] == ["alembic", "upgrade", "head"]
+        url = migrate["environment"]["DATABASE_DIRECT_URL" if pooled else "DATABASE_URL"]
+        assert "@db:5432/" in url
+        assert migrate["depends_on"] == {"db": {"condition": "service_healthy"}}
+        assert app["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    else:
+        assert app["depends_on"]["db"] == {"condition": "service_healthy"}
 
 
 def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], Path]) -> None:
