@@ -21,3 +21,20 @@ def pg_admin_url() -> Iterator[str]:
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Figures that tests recorded as the user property "figures" (image size, build and
+    shutdown times), also when pytest-xdist ran them in workers that print nowhere."""
+    lines = [
+        value
+        for key in ("passed", "failed")
+        for report in terminalreporter.stats.get(key, [])
+        if getattr(report, "when", "") == "call"
+        for name, value in getattr(report, "user_properties", [])
+        if name == "figures"
+    ]
+    if lines:
+        terminalreporter.section("measured figures")
+        for line in lines:
+            terminalreporter.write_line(line)
