@@ -87,7 +87,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
 
     # Template 2.0.0: a change to a file the owner never touched, a change to the line the
     # owner changed, and a change to .env.example.
-    template.append("template/docs/database.md.jinja", "\n## Backups\n\nTake them.\n")
+    template.append("template/docs/database/README.md.jinja", "\n## Backups\n\nTake them.\n")
     template.edit(
         "template/src/{{ package_name }}/db/base.py",
         '"pk_%(table_name)s"',
@@ -108,7 +108,7 @@ def test_update_records_the_new_version(scenario: Scenario) -> None:
 
 
 def test_change_to_an_untouched_file_arrives_unchanged(scenario: Scenario) -> None:
-    doc = "docs/database.md"
+    doc = "docs/database/README.md"
     assert (scenario.service / doc).read_bytes() == (scenario.fresh_v2 / doc).read_bytes()
     assert "## Backups" in (scenario.service / doc).read_text()
 
@@ -189,7 +189,7 @@ MIGRATIONS = f"""_migrations:
     when: "{{{{ _stage == 'before' }}}}"
     command: {MIGRATE}, "rename-answer", "db_echo", "db_log_sql"]
   - version: "2.0.0"
-    command: {MIGRATE}, "move-file", "docs/database.md", "docs/guide/database.md"]
+    command: {MIGRATE}, "move-file", "docs/database/naming.md", "docs/guide/naming.md"]
 """
 RUNBOOK = "\n## Our runbook\n\nPage the on-call DBA.\n"
 
@@ -213,23 +213,27 @@ def test_migrations_keep_a_renamed_answer_and_a_moved_files_edits(
     template.load_working_tree()
     template.release("1.0.0")
     service = copy_service(template.path, tmp_path / "service", "1.0.0", db_echo=True)
-    doc = service / "docs" / "database.md"
+    doc = service / "docs" / "database" / "naming.md"
     doc.write_text(doc.read_text() + RUNBOOK)
     commit_all(service, "our runbook")
 
     rename_question(template, "db_echo", "db_log_sql")
-    moved = template.path / "template" / "docs" / "guide" / "database.md.jinja"
+    moved = template.path / "template" / "docs" / "guide" / "naming.md.jinja"
     moved.parent.mkdir()
-    (template.path / "template" / "docs" / "database.md.jinja").rename(moved)
+    (template.path / "template" / "docs" / "database" / "naming.md.jinja").rename(moved)
     if with_migrations:
-        template.edit("copier.yml", "_migrations: []\n", MIGRATIONS)
+        copier_yml = template.path / "copier.yml"
+        text = re.sub(
+            r"^_migrations:\n(?:[ #].*\n)*", MIGRATIONS, copier_yml.read_text(), flags=re.M
+        )
+        copier_yml.write_text(text)
     template.release("2.0.0")
     update_service(service)
 
     recorded = answers(service)
     assert "db_echo" not in recorded
     assert not doc.exists()
-    new_doc = (service / "docs" / "guide" / "database.md").read_text()
+    new_doc = (service / "docs" / "guide" / "naming.md").read_text()
     config = (service / "src" / PKG / "config.py").read_text()
     if with_migrations:
         assert recorded["db_log_sql"] is True

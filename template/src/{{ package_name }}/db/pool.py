@@ -15,6 +15,7 @@ bounded for that reason, and tests/test_pool.py fails when either part changes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
@@ -40,6 +41,10 @@ class HandOverQueue(AsyncAdaptedQueue[ConnectionPoolEntry]):
 
     def qsize(self) -> int:
         return len(self._idle)
+
+    def waiting(self) -> int:
+        """Checkouts waiting for a connection now."""
+        return len(self._waiters)
 
     def put_nowait(self, item: ConnectionPoolEntry) -> None:
         while self._waiters:
@@ -84,3 +89,14 @@ class HandOverQueuePool(AsyncAdaptedQueuePool):
     """SQLAlchemy's asyncio queue pool on a HandOverQueue."""
 
     _queue_class = HandOverQueue
+
+    def waiting(self) -> int:
+        """Checkouts waiting for a connection now."""
+        queue = self._pool
+        assert isinstance(queue, HandOverQueue)
+        return queue.waiting()
+
+
+# SQLAlchemy names a pool's logger after the pool's class, so this pool logs under this module
+# instead of "sqlalchemy.pool"; keep it at the level SQLAlchemy gives its own loggers.
+logging.getLogger(f"{__name__}.{HandOverQueuePool.__name__}").setLevel(logging.WARNING)

@@ -1,0 +1,53 @@
+"""Logging: every line of the process, uvicorn's included, through one handler on stdout, as
+text or one JSON object per line (LOG_FORMAT), with the id of the request it belongs to."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+from asgi_correlation_id import CorrelationIdFilter
+from pythonjsonlogger.json import JsonFormatter
+
+from .config import Settings
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
+# Loggers that uvicorn configures with handlers of its own.
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+class ServiceHandler(logging.StreamHandler[TextIO]):
+    """The one handler the service installs on the root logger."""
+
+
+def configure_logging(settings: Settings) -> None:
+    """Install the service's handler on the root logger (replacing an earlier one, leaving
+    others alone) and route uvicorn's loggers through it."""
+    handler = ServiceHandler(sys.stdout)
+    # The request id of the request being served (api: X-Request-ID), "-" outside requests.
+    handler.addFilter(CorrelationIdFilter(default_value="-"))
+    if settings.log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{levelname}{name}{message}{correlation_id}",
+                style="{",
+                rename_fields={
+                    "levelname": "level",
+                    "name": "logger",
+                    "correlation_id": "request_id",
+                },
+                timestamp="time",
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, ServiceHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
