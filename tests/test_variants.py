@@ -39,3 +39,31 @@ def test_variant_passes_its_own_checks(
     # A skipped or xfailed test would hide an untested part of the variant.
     for word in ("skipped", "xfailed", "xpassed", "deselected", "error"):
         assert word not in summary, summary
+
+
+@pytest.mark.slow
+def test_pre_commit_hooks_pass_offline(tmp_path: Path) -> None:
+    """The rendered .pre-commit-config.yaml runs the project's own ruff and mypy through uv,
+    with no network: run here in a network namespace of its own."""
+    root = render(tmp_path / "service")
+    env = clean_env()
+    run(["uv", "sync", "--quiet"], root, env)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    output = run(
+        [
+            "unshare",
+            "--map-root-user",
+            "--net",
+            "uv",
+            "run",
+            "--no-sync",
+            "pre-commit",
+            "run",
+            "--all-files",
+        ],
+        root,
+        env,
+    )
+    for hook in ("ruff check", "ruff format", "mypy --strict"):
+        assert re.search(rf"^{re.escape(hook)}\.+Passed$", output, re.M), output
