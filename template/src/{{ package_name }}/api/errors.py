@@ -7,6 +7,7 @@
 | a lock not granted in time                       | 503 + Retry-After |
 | statement cancelled by its time limit            | 504               |
 | unique or foreign-key violation                  | 409               |
+| serialization failure or deadlock (PostgreSQL)   | 409 + Retry-After |
 
 This is the one place that decides these answers. Bodies carry no SQL, no parameters and no
 credentials; the request's transaction has been rolled back by then (the session
@@ -28,6 +29,7 @@ from ..db.errors import (
     is_conflict,
     is_connection_failure,
     is_statement_timeout,
+    is_transient,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,13 @@ async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
         return unavailable("the database is busy; try again shortly")
     if is_conflict(exc):
         return JSONResponse({"detail": "the request conflicts with existing data"}, status_code=409)
+    if is_transient(exc):
+        # Nothing was written; the same request may succeed when sent again.
+        return JSONResponse(
+            {"detail": "the request conflicted with a concurrent one; try again"},
+            status_code=409,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     raise exc
 
 
