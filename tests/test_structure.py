@@ -25,7 +25,16 @@ ALWAYS = [
     "Dockerfile",
     ".github/workflows/ci.yml",
     "README.md",
-    "docs/database.md",
+    "docs/database/README.md",
+    "docs/database/configuration.md",
+    "docs/database/errors.md",
+    "docs/database/health.md",
+    "docs/database/naming.md",
+    "docs/database/observability.md",
+    "docs/database/performance.md",
+    "docs/database/pool.md",
+    "docs/database/sessions.md",
+    "docs/database/troubleshooting.md",
     "pyproject.toml",
     f"src/{PKG}/__init__.py",
     f"src/{PKG}/py.typed",
@@ -66,8 +75,10 @@ POSTGRES_ONLY = [
     "docker-compose.yml",
     "tests/test_statement_timeout.py",
 ]
+SQLITE_ONLY = ["docs/database/sqlite.md"]
 ALEMBIC_ONLY = [
     "alembic.ini",
+    "docs/database/migrations.md",
     "migrations/env.py",
     "migrations/script.py.mako",
     "migrations/versions/.gitkeep",
@@ -79,7 +90,7 @@ EXAMPLE_ONLY = [
     f"src/{PKG}/api/items.py",
     "tests/test_items.py",
 ]
-PROTOTYPE_ONLY = [f"src/{PKG}/db/prototype.py"]
+PROTOTYPE_ONLY = ["docs/database/prototype.md", f"src/{PKG}/db/prototype.py"]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
 
 DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
@@ -105,6 +116,7 @@ def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None
     expected = set(ALWAYS)
     groups = [
         (POSTGRES_ONLY, is_postgres),
+        (SQLITE_ONLY, not is_postgres),
         (ALEMBIC_ONLY, alembic),
         (PROTOTYPE_ONLY, not alembic),
         (EXAMPLE_ONLY, example),
