@@ -330,3 +330,45 @@ def test_direct_mode_has_no_pooler_parts(tmp_path: Path) -> None:
     assert "statement_cache_size" not in (root / "src" / PKG / "db" / "driver.py").read_text()
     assert "pgbouncer" not in yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
     assert "DATABASE_DIRECT_URL" not in (root / ".env.example").read_text()
+
+
+DOCS_MAX_LINES = 250
+# An inline Markdown link or image: [text](target) or [text](target "title").
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def relative_links(markdown: str) -> list[str]:
+    """Targets of the inline links outside code, leaving out URLs and in-page anchors."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    targets = MARKDOWN_LINK.findall(prose)
+    return [t for t in targets if not t.startswith("#") and not re.match(r"[a-z][\w+.-]*:", t)]
+
+
+def docs_problems(root: Path) -> list[str]:
+    """Pages under docs/ longer than DOCS_MAX_LINES, and relative links in docs/ and README.md
+    that point at no file of this rendering."""
+    pages = sorted((root / "docs").rglob("*.md"))
+    assert pages, "no Markdown pages under docs/"
+    problems = []
+    for page in pages:
+        lines = len(page.read_text().splitlines())
+        if lines > DOCS_MAX_LINES:
+            problems.append(f"{page.relative_to(root)}: {lines} lines")
+    for page in [root / "README.md", *pages]:
+        for target in relative_links(page.read_text()):
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                problems.append(f"{page.relative_to(root)}: link to a missing file: {target}")
+    return problems
+
+
+def test_docs_are_short_pages_with_working_links(rendered: tuple[dict[str, Any], Path]) -> None:
+    _, root = rendered
+    assert docs_problems(root) == []
+
+
+@pytest.mark.parametrize(("driver", "migrations"), [("asyncpg", "alembic"), ("psycopg", "none")])
+def test_docs_behind_pgbouncer(tmp_path: Path, driver: str, migrations: str) -> None:
+    root = render(tmp_path / "s", db_driver=driver, db_pooler="pgbouncer", migrations=migrations)
+    assert (root / "docs" / "database" / "pgbouncer.md").is_file()
+    assert docs_problems(root) == []
