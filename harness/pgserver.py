@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 HOW_TO_PROVIDE = (
@@ -59,15 +59,22 @@ def free_port() -> int:
 
 class ThrowawayCluster:
     """initdb + pg_ctl in a temp dir, as the `postgres` user when running as root
-    (PostgreSQL refuses to run as root). Trust auth, loopback only."""
+    (PostgreSQL refuses to run as root). Loopback only.
 
-    def __init__(self, bindir: Path) -> None:
+    Trust auth unless `password` is given: then `postgres` has that password and every
+    connection must present it (scram-sha-256). `fsync` is off by default, for speed; turn
+    it on where what is tested is that committed data survives a crash."""
+
+    def __init__(self, bindir: Path, *, fsync: bool = False, password: str | None = None) -> None:
         self.bindir = bindir
+        self.fsync = fsync
+        self.password = password
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="pg-throwaway-", dir="/tmp"))
         self.data = self.root / "data"
         # As root, commands run as `postgres` (set by the child before it executes them).
         self.as_user: dict[str, object] = {}
+        self.owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
             try:
                 user = pwd.getpwnam("postgres")
@@ -77,11 +84,20 @@ class ThrowawayCluster:
                     "cluster as. " + HOW_TO_PROVIDE
                 ) from None
             os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.owner = (user.pw_uid, user.pw_gid)
             self.as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        user = "postgres" if self.password is None else f"postgres:{quote(self.password, safe='')}"
+        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
+
+    def options(self) -> str:
+        """The server's options (`pg_ctl -o`): `pg_ctl start` does not remember them."""
+        return (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
+        )
 
     def _run(self, *args: str) -> None:
         subprocess.run(
@@ -89,27 +105,28 @@ class ThrowawayCluster:
         )
 
     def start(self) -> str:
-        self._run(
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
-            "-c fsync=off -c max_connections=200"
-        )
+        initdb = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8"]
+        if self.password is None:
+            initdb.append("--auth=trust")
+        else:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            pwfile.chmod(0o600)
+            if self.owner is not None:
+                os.chown(pwfile, *self.owner)
+            initdb += ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        if not self.fsync:
+            initdb.append("--no-sync")
+        try:
+            self._run(*initdb)
+        finally:
+            (self.root / "pwfile").unlink(missing_ok=True)
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",
             str(self.data),
             "-o",
-            options,
+            self.options(),
             "-l",
             str(self.root / "server.log"),
             "-w",

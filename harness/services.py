@@ -3,27 +3,34 @@ started again, databases on a server, and the service under uvicorn as a subproc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
 from psycopg import sql
 
-from .pgserver import ThrowawayCluster, free_port
-from .rendering import clean_env
+from .pgserver import HOW_TO_PROVIDE, NoServerError, ThrowawayCluster, find_bindir, free_port
+from .rendering import clean_env, render
 
 # Every wait below is bounded by one of these.
 SERVICE_START_TIMEOUT = 30.0
 SERVICE_STOP_TIMEOUT = 10.0
+DATABASE_START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
+
+UV_RUN = ["uv", "run", "--no-sync"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
@@ -35,18 +42,19 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) ->
 
 class RestartableCluster(ThrowawayCluster):
     """A ThrowawayCluster whose server can be stopped and started again on the same port
-    and data directory, as an operator restarting the database would."""
-
-    def _options(self) -> str:
-        # The same options as ThrowawayCluster.start: `pg_ctl start` does not reuse them.
-        return (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
-            "-c fsync=off -c max_connections=200"
-        )
+    and data directory, as an operator restarting the database would, or crash."""
 
     def stop_server(self) -> None:
         """Fast shutdown: open sessions are ended; returns once the server is gone."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def crash_server(self) -> None:
+        """Immediate shutdown, as in a crash: every server process quits at once, without a
+        checkpoint, and the next start recovers from the write-ahead log. Returns once the
+        server is gone."""
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"
+        )
 
     def start_server(self) -> None:
         """Start the stopped server without waiting: the caller times its readiness."""
@@ -55,12 +63,63 @@ class RestartableCluster(ThrowawayCluster):
             "-D",
             str(self.data),
             "-o",
-            self._options(),
+            self.options(),
             "-l",
             str(self.root / "server.log"),
             "-W",
             "start",
         )
+
+
+def render_synced(dst: Path, **data: Any) -> Path:
+    """Render the template into `dst` with `data` and install the project's environment
+    (`uv sync`); return the project's root."""
+    root = render(dst, **data)
+    run(["uv", "sync", "--quiet"], root, clean_env())
+    return root
+
+
+@contextlib.contextmanager
+def throwaway_cluster(**options: Any) -> Iterator[RestartableCluster]:
+    """A started RestartableCluster of its own (`options`: fsync, password), removed
+    afterwards: for tests that stop or crash the server, never the shared one."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise NoServerError(
+            "no PostgreSQL server binaries for a throwaway cluster. " + HOW_TO_PROVIDE
+        )
+    cluster = RestartableCluster(bindir, **options)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def migrate(root: Path, database_url: str) -> str:
+    """`alembic upgrade head` in a rendered project; its output."""
+    return run([*UV_RUN, "alembic", "upgrade", "head"], root, clean_env(DATABASE_URL=database_url))
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = POLL_INTERVAL
+) -> float:
+    """Poll `condition()` until it is true; return the seconds it took. Fails after
+    `timeout` with `what`."""
+    started = time.monotonic()
+    while True:
+        if condition():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(interval)
+
+
+def wait_accepting(url: str, timeout: float = DATABASE_START_TIMEOUT) -> float:
+    """Wait until the server at `url` accepts logins and queries; the seconds it took."""
+    return wait_until(
+        lambda: accepts_connections(url), timeout, "the server accepts connections", 0.01
+    )
 
 
 def accepts_connections(url: str) -> bool:
@@ -91,7 +150,9 @@ def drop_database(admin_url: str, name: str) -> None:
 
 class Service:
     """`uv run --no-sync uvicorn <app>` in a rendered project, on a free loopback port, with
-    its output in a log file. Ready once every worker has started and /health answers."""
+    its output in a log file (stdout and stderr together, unless `stderr_path` is given:
+    then stdout goes to `log_path` and stderr to `stderr_path`). Ready once every worker
+    has started and /health answers."""
 
     def __init__(
         self,
@@ -101,10 +162,12 @@ class Service:
         app: str = "my_service.main:app",
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = (),
+        stderr_path: Path | None = None,
         **env: str,
     ) -> None:
         self.root = root
         self.log_path = log_path
+        self.stderr_path = stderr_path
         self.app = app
         self.workers = workers
         self.uvicorn_args = uvicorn_args
@@ -116,13 +179,22 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def stderr(self) -> str:
+        """What the service wrote to stderr, when it has a file of its own."""
+        path = self.stderr_path
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
     def start(self) -> None:
         cmd = [
             *("uv", "run", "--no-sync", "uvicorn", self.app),
             *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
             *("--timeout-graceful-shutdown", "3", *self.uvicorn_args),
         ]
-        with self.log_path.open("wb") as log:
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(self.log_path.open("wb"))
+            errors: IO[bytes] | int = subprocess.STDOUT
+            if self.stderr_path is not None:
+                errors = files.enter_context(self.stderr_path.open("wb"))
             # Own process group: stopping it reaches uvicorn under `uv run` too.
             self.proc = subprocess.Popen(
                 cmd,
@@ -130,7 +202,7 @@ class Service:
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=errors,
                 start_new_session=True,
             )
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
@@ -151,6 +223,15 @@ class Service:
             f"uvicorn --workers {self.workers} was not ready within {SERVICE_START_TIMEOUT}s:\n"
             f"{self.log()[-4000:]}"
         )
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the service (uv and uvicorn): no shutdown of any
+        kind runs. Returns once `uv` has exited."""
+        proc = self.proc
+        assert proc is not None, "the service was never started"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=SERVICE_STOP_TIMEOUT)
 
     def stop(self) -> None:
         proc = self.proc
@@ -179,6 +260,50 @@ def running_service(
         yield service
     finally:
         service.stop()
+
+
+async def drive_load(
+    base_url: str,
+    requests: int,
+    concurrency: int,
+    send: Callable[[httpx.AsyncClient, int], Awaitable[None]],
+    *,
+    request_timeout: float,
+    timeout: float,
+) -> float:
+    """Await `send(client, n)` once for each n in range(requests), `concurrency` at a time;
+    `send` records what it needs. Returns the seconds it took; fails after `timeout`.
+
+    Each of the `concurrency` workers has its own single-connection client: one AsyncClient
+    with 100 connections spends about 8 ms of CPU per request in its connection pool on these
+    machines (about 1 ms with one connection each), so the client, not the service, would set
+    the pace.
+    """
+    numbers = itertools.count()  # shared: each request number is taken once
+    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    # Plain HTTP, but each client would still load the CA bundle (tens of ms) for its own
+    # TLS context: build one, before the clock starts.
+    tls = ssl.create_default_context()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for n in numbers:
+            if n >= requests:
+                return
+            await send(client, n)
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=base_url, limits=one_connection, timeout=request_timeout, verify=tls
+                )
+            )
+            for _ in range(concurrency)
+        ]
+        started = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(worker(client) for client in clients))
+        return time.perf_counter() - started
 
 
 class ConnectionSampler(threading.Thread):

@@ -8,9 +8,6 @@ subprocess, HTTP over loopback. Every wait is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import ssl
 import time
 import uuid
 from collections import Counter
@@ -23,20 +20,20 @@ import httpx
 import pytest
 
 from harness.pgserver import HOW_TO_PROVIDE, find_bindir
-from harness.rendering import clean_env, render
 from harness.services import (
     ConnectionSampler,
     RestartableCluster,
-    accepts_connections,
     create_database,
+    drive_load,
     drop_database,
-    run,
+    migrate,
+    render_synced,
     running_service,
+    wait_accepting,
     with_database,
 )
 
 DRIVERS = ["asyncpg", "psycopg"]
-UV_RUN = ["uv", "run", "--no-sync"]
 
 # Trust authentication ignores it, so it can sit in DATABASE_URL and must never show up.
 PASSWORD = "s3cret"
@@ -46,7 +43,6 @@ OUTAGE_ANSWER_SECONDS = 3.0
 RECOVERY_SECONDS = 2.0
 # How long to keep trying after a restart before giving up (bounds the loop, not the check).
 RECOVERY_GIVE_UP_SECONDS = 15.0
-DATABASE_START_TIMEOUT = 30.0
 
 POOL_SIZE = 5
 MAX_OVERFLOW = 10
@@ -61,18 +57,12 @@ LOAD_TIMEOUT = 120.0
 def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One rendered and synced service per driver for the module (tests only read it)."""
     driver: str = request.param
-    root = render(
+    return render_synced(
         tmp_path_factory.mktemp(f"faults-{driver}") / "service",
         db_driver=driver,
         migrations="alembic",
         with_example=True,
     )
-    run(["uv", "sync", "--quiet"], root, clean_env())
-    return root
-
-
-def migrate(root: Path, database_url: str) -> None:
-    run([*UV_RUN, "alembic", "upgrade", "head"], root, clean_env(DATABASE_URL=database_url))
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
@@ -152,15 +142,8 @@ def test_recovers_after_database_restart(
                         assert_retry_after(response, what)
 
             cluster.start_server()
-            deadline = time.monotonic() + DATABASE_START_TIMEOUT
-            back = False
-            for _ in range(3000):
-                back = accepts_connections(admin_url)
-                if back or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
+            wait_accepting(admin_url)
             accepted_at = time.perf_counter()
-            assert back, f"the cluster did not accept connections within {DATABASE_START_TIMEOUT}s"
 
             statuses: list[int] = []
             for _ in range(500):
@@ -198,51 +181,32 @@ def test_recovers_after_database_restart(
 async def generate_load(base_url: str, ids: list[int]) -> tuple[Counter[int], Counter[str], float]:
     """LOAD_REQUESTS requests over LOAD_CONCURRENCY connections: nine in ten read an item,
     one in ten creates one. Returns status counts, transport error counts and the time taken.
-
-    Each worker has its own single-connection client: one AsyncClient with 100 connections
-    spends about 8 ms of CPU per request in its connection pool on these machines (about 1 ms
-    with one connection each), so the client, not the service, would set the pace.
     """
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
-    numbers = itertools.count()  # shared: each request number is taken once
     run_id = uuid.uuid4().hex[:8]
-    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    # Plain HTTP, but each client would still load the CA bundle (tens of ms) for its own
-    # TLS context: build one, before the clock starts.
-    tls = ssl.create_default_context()
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        for n in numbers:
-            if n >= LOAD_REQUESTS:
-                return
-            try:
-                if n % 10 == 0:
-                    body = {"name": f"load-{run_id}-{n}", "price_cents": n}
-                    response = await client.post("/items", json=body)
-                else:
-                    response = await client.get(f"/items/{ids[n % len(ids)]}")
-            except httpx.TransportError as exc:
-                errors[type(exc).__name__] += 1
+    async def send(client: httpx.AsyncClient, n: int) -> None:
+        try:
+            if n % 10 == 0:
+                body = {"name": f"load-{run_id}-{n}", "price_cents": n}
+                response = await client.post("/items", json=body)
             else:
-                statuses[response.status_code] += 1
+                response = await client.get(f"/items/{ids[n % len(ids)]}")
+        except httpx.TransportError as exc:
+            errors[type(exc).__name__] += 1
+        else:
+            statuses[response.status_code] += 1
 
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=base_url,
-                    limits=one_connection,
-                    timeout=LOAD_REQUEST_TIMEOUT,
-                    verify=tls,
-                )
-            )
-            for _ in range(LOAD_CONCURRENCY)
-        ]
-        started = time.perf_counter()
-        async with asyncio.timeout(LOAD_TIMEOUT):
-            await asyncio.gather(*(worker(client) for client in clients))
-        return statuses, errors, time.perf_counter() - started
+    elapsed = await drive_load(
+        base_url,
+        LOAD_REQUESTS,
+        LOAD_CONCURRENCY,
+        send,
+        request_timeout=LOAD_REQUEST_TIMEOUT,
+        timeout=LOAD_TIMEOUT,
+    )
+    return statuses, errors, elapsed
 
 
 @pytest.mark.slow
