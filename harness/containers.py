@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,7 @@ BUILD_TIMEOUT = 600.0
 PODMAN_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 BUILD_LABEL = "template-suite.build"
+REMOVE_ATTEMPTS = 3
 STANDIN_PACKAGES = (
     "python3",
     "python3-venv",
@@ -157,14 +159,21 @@ def image_size(tag: str) -> int:
 def remove_image(tag: str) -> None:
     """Remove the image and every intermediate image of its builds (build_image labels
     them with the tag: removing the tag alone leaves the build stage's layers behind);
-    never fails."""
+    never fails: what cannot be removed is reported as a warning."""
+    error = ""
     with contextlib.suppress(ContainerError):
         podman("rmi", "--force", tag, check=False, timeout=120)
-        # Newest first, so children go before their parents.
-        listed = podman("images", "--all", "--quiet", "--filter", f"label={BUILD_LABEL}={tag}")
-        ids = list(dict.fromkeys(listed.stdout.split()))
-        if ids:
-            podman("rmi", "--force", *ids, check=False, timeout=120)
+        # A few tries: a removal that runs beside another one can fail on a shared layer.
+        for _ in range(REMOVE_ATTEMPTS):
+            label = f"label={BUILD_LABEL}={tag}"
+            listed = podman("images", "--all", "--quiet", "--filter", label)
+            ids = list(dict.fromkeys(listed.stdout.split()))
+            if not ids:
+                return
+            result = podman("rmi", "--force", *ids, check=False, timeout=120)
+            error = result.stderr
+            time.sleep(1)
+    warnings.warn(f"images of {tag} were left behind: {error[-1000:]}", stacklevel=2)
 
 
 def build_image(
