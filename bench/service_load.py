@@ -571,6 +571,8 @@ def run_all(
                 {
                     **asdict(result),
                     "default_rps": default.rps,
+                    "default_p99_ms": default.p99_ms,
+                    "default_cpu_us": default.cpu_us,
                     "default_connections_opened": default.connections_opened,
                 }
                 for result, default in r.values()
