@@ -3,17 +3,18 @@
 
 The rendered code is not edited. `make_engine` reads its pool class from a module global when
 it builds the engine (in the lifespan, after this module has run), so rebinding that name to the
-stock class is enough. The class is looked up in `db/engine.py` and `db/pool.py` (where it may
-live), and every module of the package that holds it gets the stock class instead; neither
-module having it stops start-up. Once the lifespan has built the engine, every queue pool alive
-must be the stock one, or start-up fails: the comparison would be void otherwise.
+stock class is enough. The name is looked up in `db/engine.py` and `db/pool.py` (where it has
+lived), and rebound in each that has it; neither having it stops start-up. Other modules keep
+the original class, so code that asks `isinstance(pool, HandOverQueuePool)` (pool figures for
+/health/db) takes its path for other pools, as it would with a pool class the service does not
+know. Once the lifespan has built the engine, every queue pool alive must be the stock one, or
+start-up fails: the comparison would be void otherwise.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import ModuleType
@@ -37,39 +38,23 @@ def optional_module(name: str) -> ModuleType | None:
         return None
 
 
-def hand_over_pool_class() -> type[Any]:
-    found = [
-        getattr(module, POOL_CLASS)
-        for module in map(optional_module, POOL_MODULES)
-        if module is not None and hasattr(module, POOL_CLASS)
-    ]
-    if not found:
+def use_stock_pool() -> list[str]:
+    """Rebind the pool class name in each of POOL_MODULES that has it; the names rebound."""
+    rebound = []
+    for module in map(optional_module, POOL_MODULES):
+        if module is not None and hasattr(module, POOL_CLASS):
+            setattr(module, POOL_CLASS, AsyncAdaptedQueuePool)
+            rebound.append(f"{module.__name__}.{POOL_CLASS}")
+    if not rebound:
         raise SystemExit(
             f"stock-pool case: no {POOL_CLASS} in {' or '.join(POOL_MODULES)}; "
             "bench/apps/rendered_stock_pool.py must learn where the rendered pool class lives"
         )
-    return found[0]
-
-
-def use_stock_pool(hand_over: type[Any]) -> list[str]:
-    """Rebind every module-level reference to `hand_over` in the package; their names."""
-    rebound = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == PACKAGE or name.startswith(PACKAGE + ".")):
-            continue
-        for attribute, value in list(vars(module).items()):
-            if value is hand_over:
-                setattr(module, attribute, AsyncAdaptedQueuePool)
-                rebound.append(f"{name}.{attribute}")
     return rebound
 
 
-HAND_OVER = hand_over_pool_class()
 rendered = importlib.import_module(f"{PACKAGE}.main")
-REBOUND = use_stock_pool(HAND_OVER)
-if not any(name.rsplit(".", 1)[0] in POOL_MODULES for name in REBOUND):
-    raise SystemExit(f"stock-pool case: nothing rebound in {POOL_MODULES} ({REBOUND})")
-
+REBOUND = use_stock_pool()
 app: FastAPI = rendered.app
 rendered_lifespan = app.router.lifespan_context
 
