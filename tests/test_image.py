@@ -135,6 +135,7 @@ class HeldRequests:
 
     def __init__(self, base_url: str, count: int) -> None:
         self.results: list[str | int | None] = [None] * count
+        self.done_at = [0.0] * count
         self.threads = [
             threading.Thread(target=self._post, args=(base_url, i), daemon=True)
             for i in range(count)
@@ -147,6 +148,7 @@ class HeldRequests:
                 self.results[i] = client.post("/items", json=body).status_code
         except httpx.HTTPError as exc:
             self.results[i] = repr(exc)
+        self.done_at[i] = time.monotonic()
 
     def start(self) -> None:
         for thread in self.threads:
@@ -318,13 +320,17 @@ def test_image_migrates_serves_and_stops_gracefully(
                 assert held.pending() == CONCURRENT_REQUESTS, held.results
                 held_for = time.monotonic() - signalled
                 locker.rollback()  # releases the lock
+                released = time.monotonic()
             exit_code = app.wait(timeout=STOP_TIMEOUT + 5)
-            stopped = time.monotonic() - signalled
+            exited = time.monotonic()
+            stopped = exited - signalled
             logs = app.logs()
             held.join(REQUEST_TIMEOUT)
         answered = sum(result == 201 for result in held.results)
         figures |= {
-            "SIGTERM to exit": f"{stopped:.2f} s (requests held {held_for:.2f} s of it)",
+            "SIGTERM to exit": f"{stopped:.2f} s (requests held {held_for:.2f} s of it, "
+            f"last answer {max(held.done_at) - released:.2f} s after the release, "
+            f"exit {exited - max(held.done_at):.2f} s after it)",
             "requests answered": f"{answered}/{CONCURRENT_REQUESTS}",
         }
         report(request, f"image {case}", figures)
