@@ -105,9 +105,9 @@ def test_autogenerate_compares_the_source_after_a_plain_pip_install(
 
         model = root / "src" / PACKAGE / "models" / "item.py"
         source = model.read_text()
-        anchor = "    price_cents: Mapped[int]\n"
+        anchor = '    __tablename__ = "items"\n'
         assert anchor in source, source
-        column = "    nickname: Mapped[str | None] = mapped_column(String(40))\n"
+        column = "    nickname: Mapped[str | None]\n"
         model.write_text(source.replace(anchor, anchor + column))
 
         before = set((root / "migrations" / "versions").glob("*.py"))
