@@ -21,6 +21,7 @@ ALWAYS = [
     ".copier-answers.yml",
     ".env.example",
     ".gitignore",
+    ".pre-commit-config.yaml",
     ".dockerignore",
     "Dockerfile",
     ".github/workflows/ci.yml",
@@ -39,6 +40,8 @@ ALWAYS = [
     f"src/{PKG}/__init__.py",
     f"src/{PKG}/py.typed",
     f"src/{PKG}/config.py",
+    f"src/{PKG}/logs.py",
+    f"src/{PKG}/urls.py",
     f"src/{PKG}/main.py",
     f"src/{PKG}/db/__init__.py",
     f"src/{PKG}/db/base.py",
@@ -48,6 +51,7 @@ ALWAYS = [
     f"src/{PKG}/db/errors.py",
     f"src/{PKG}/db/listeners.py",
     f"src/{PKG}/db/pool.py",
+    f"src/{PKG}/db/retry.py",
     f"src/{PKG}/db/session.py",
     f"src/{PKG}/db/startup.py",
     f"src/{PKG}/api/__init__.py",
@@ -63,10 +67,12 @@ ALWAYS = [
     "tests/test_errors.py",
     "tests/test_health.py",
     "tests/test_listeners.py",
+    "tests/test_logs.py",
     "tests/test_naming.py",
     "tests/test_no_update_conflicts.py",
     "tests/test_pool.py",
     "tests/test_read_sessions.py",
+    "tests/test_retry.py",
     "tests/test_session.py",
     "tests/test_settings.py",
     "tests/test_startup.py",
@@ -91,6 +97,8 @@ EXAMPLE_ONLY = [
     "tests/test_items.py",
 ]
 PROTOTYPE_ONLY = ["docs/database/prototype.md", f"src/{PKG}/db/prototype.py"]
+POSTGRES_AND_ALEMBIC = ["migrations/runtime_role.sql", "tests/test_roles.py"]
+METRICS_ONLY = [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
 
 DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
@@ -119,6 +127,8 @@ def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None
         (SQLITE_ONLY, not is_postgres),
         (ALEMBIC_ONLY, alembic),
         (PROTOTYPE_ONLY, not alembic),
+        (METRICS_ONLY, data["metrics"]),
+        (POSTGRES_AND_ALEMBIC, is_postgres and alembic),
         (EXAMPLE_ONLY, example),
         (ALEMBIC_AND_EXAMPLE, alembic and example),
     ]
@@ -160,9 +170,12 @@ def test_dependencies_are_exactly_what_the_variant_needs(
         re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["project"]["dependencies"]
     }
     expected = {"fastapi", "uvicorn[standard]", "pydantic-settings", "sqlalchemy[asyncio]"}
+    expected |= {"asgi-correlation-id", "python-json-logger"}
     expected.add(DRIVER_PACKAGES[data["db_driver"]])
     if data["migrations"] == "alembic":
         expected.add("alembic")
+    if data["metrics"]:
+        expected.add("prometheus-client")
     assert names == expected
     assert project["project"]["requires-python"] == ">=3.11"
     assert project["tool"]["mypy"]["strict"] is True
@@ -172,7 +185,7 @@ def test_dependencies_are_exactly_what_the_variant_needs(
 def test_env_example_lists_every_setting(rendered: tuple[dict[str, Any], Path]) -> None:
     data, root = rendered
     config = (root / "src" / PKG / "config.py").read_text()
-    fields = set(re.findall(r"^    (database_\w*url|db_\w+): ", config, re.M))
+    fields = set(re.findall(r"^    (database_\w*url|db_\w+|log_\w+): ", config, re.M))
     # Optional settings are listed commented out.
     keys = set(re.findall(r"^(?:# )?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
     assert {f.upper() for f in fields} <= keys
@@ -312,11 +325,11 @@ def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str)
     assert "SET LOCAL statement_timeout" in (db / "listeners.py").read_text()
     # A startup parameter PgBouncer refuses.
     assert "default_transaction_read_only" not in driver_py
-    assert "database_direct_url" in (root / "src" / PKG / "config.py").read_text()
-    assert "database_direct_url" in (root / "migrations" / "env.py").read_text()
+    assert "database_migration_url" in (root / "migrations" / "env.py").read_text()
     env = (root / ".env.example").read_text()
-    assert "DATABASE_URL=postgresql://postgres@localhost:6432/" in env
-    assert "DATABASE_DIRECT_URL=postgresql://postgres@localhost:5432/" in env
+    assert "\nDATABASE_URL=postgresql://postgres@localhost:6432/" in env
+    # Migrations bypass the pooler: the setting is on, not a commented-out example.
+    assert "\nDATABASE_MIGRATION_URL=postgresql://postgres@localhost:5432/" in env
     for path in root.rglob("*"):
         if path.is_file():
             assert not {"{{", "{%", "{#"} & {m for m in ("{{", "{%", "{#") if m in path.read_text()}
@@ -329,7 +342,9 @@ def test_direct_mode_has_no_pooler_parts(tmp_path: Path) -> None:
     root = render(tmp_path / "s")
     assert "statement_cache_size" not in (root / "src" / PKG / "db" / "driver.py").read_text()
     assert "pgbouncer" not in yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
-    assert "DATABASE_DIRECT_URL" not in (root / ".env.example").read_text()
+    env = (root / ".env.example").read_text()
+    assert "\nDATABASE_URL=postgresql://postgres@localhost:5432/" in env
+    assert "\nDATABASE_MIGRATION_URL=" not in env
 
 
 DOCS_MAX_LINES = 250

@@ -15,6 +15,9 @@ from .config import Settings
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 # Loggers that uvicorn configures with handlers of its own.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# Database drivers log bound parameters or connection details at DEBUG (aiosqlite logs every
+# call with its arguments): they stay at WARNING whatever LOG_LEVEL says.
+DRIVER_LOGGERS = ("aiosqlite", "asyncpg", "psycopg")
 
 
 class ServiceHandler(logging.StreamHandler[TextIO]):
@@ -51,3 +54,5 @@ def configure_logging(settings: Settings) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    for name in DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
