@@ -19,16 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.pgserver import HOW_TO_PROVIDE, find_bindir
 from harness.services import (
     ConnectionSampler,
-    RestartableCluster,
     create_database,
     drive_load,
     drop_database,
     migrate,
     render_synced,
     running_service,
+    throwaway_cluster,
     wait_accepting,
     with_database,
 )
@@ -98,15 +97,11 @@ def assert_unavailable(response: httpx.Response, elapsed: float, what: str) -> N
 def test_recovers_after_database_restart(
     project: Path, tmp_path: Path, record_property: Callable[[str, Any], None]
 ) -> None:
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.fail("no PostgreSQL server binaries for a throwaway cluster. " + HOW_TO_PROVIDE)
-    # Its own cluster: the shared server is never stopped.
-    cluster = RestartableCluster(bindir)
     log_path = tmp_path / "uvicorn.log"
     bodies: list[str] = []
-    try:
-        admin_url = cluster.start()
+    # Its own cluster: the shared server is never stopped.
+    with throwaway_cluster() as cluster:
+        admin_url = cluster.url
         create_database(admin_url, "faults")
         database_url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{cluster.port}/faults"
         migrate(project, database_url)
@@ -168,8 +163,6 @@ def test_recovers_after_database_restart(
             health = client.get("/health/db")
             bodies.append(health.text)
             assert health.status_code == 200, health.text
-    finally:
-        cluster.stop()
 
     leaks = [body for body in bodies if PASSWORD in body]
     assert not leaks, f"the password appears in a response: {leaks[0][:500]}"
