@@ -510,7 +510,6 @@ def run_all(
     if not selected:
         raise SystemExit(f"no load case matches --only {only}")
     bench = Bench(work, admin_url, seconds, warmup, connections, baseline, template_ref)
-    bench.prepare()
 
     def measure(case: Case, round_no: int) -> Result:
         started = time.perf_counter()
@@ -527,6 +526,8 @@ def run_all(
     by_round: list[Round] = []
     default_runs: dict[str, list[Result]] = {endpoint: [] for endpoint in defaults}
     try:
+        # Inside the try: a failed render or migration still drops the database.
+        bench.prepare()
         for round_no in range(1, rounds + 1):
             order = [c for c in selected if c.name != DEFAULT]
             # Seeded: every run of the benchmark takes the cases in the same orders.
