@@ -113,6 +113,9 @@ class PgBouncer:
                 "unix_socket_dir =",
                 "auth_type = trust",
                 f"auth_file = {self.root / 'userlist.txt'}",
+                # Roles that are not in auth_file (a service's own runtime role, created by
+                # its tests) are looked up in the server's pg_shadow as postgres.
+                "auth_user = postgres",
                 "admin_users = postgres",
                 "pool_mode = transaction",
                 f"default_pool_size = {self.pool_size}",

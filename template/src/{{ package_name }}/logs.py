@@ -8,6 +8,7 @@ import sys
 from typing import TextIO
 
 from asgi_correlation_id import CorrelationIdFilter
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from .config import Settings
@@ -41,6 +42,8 @@ def configure_logging(settings: Settings) -> None:
                     "correlation_id": "request_id",
                 },
                 timestamp="time",
+                # uvicorn adds a copy of its message with terminal colour codes.
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],
             )
         )
     else:
@@ -52,7 +55,10 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for name in UVICORN_LOGGERS:
         logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
+        # Only loggers uvicorn gave a handler: `--no-access-log` leaves uvicorn.access
+        # without one, and it stays silent.
+        if logger.handlers:
+            logger.handlers.clear()
+            logger.propagate = True
     for name in DRIVER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
