@@ -96,9 +96,10 @@ def throwaway_cluster(**options: Any) -> Iterator[RestartableCluster]:
         cluster.stop()
 
 
-def migrate(root: Path, database_url: str) -> str:
-    """`alembic upgrade head` in a rendered project; its output."""
-    return run([*UV_RUN, "alembic", "upgrade", "head"], root, clean_env(DATABASE_URL=database_url))
+def migrate(root: Path, database_url: str, **env: str) -> str:
+    """`alembic upgrade head` in a rendered project (`env`: more settings); its output."""
+    env = {"DATABASE_URL": database_url, **env}
+    return run([*UV_RUN, "alembic", "upgrade", "head"], root, clean_env(**env))
 
 
 def wait_until(

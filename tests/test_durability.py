@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from harness.rendering import clean_env
 from harness.services import (
@@ -503,8 +504,9 @@ messages = []
 settings = load_settings()
 messages += [repr(settings), str(settings), str(settings.database_url)]
 messages += [repr(settings.database_url), repr(settings.database_read_url)]
+messages += [repr(getattr(settings, "database_migration_url", None))]
 url = os.environ["DATABASE_URL"]
-for variable in ("database_url", "database_read_url"):
+for variable in ("database_url", "database_read_url", "database_migration_url"):
     for bad in (url.replace("postgresql://", "mysql://", 1), url.replace("/secrets", ":x/y", 1)):
         try:
             load_settings(**{variable: bad})
@@ -512,15 +514,16 @@ for variable in ("database_url", "database_read_url"):
             messages.append(str(exc))
 
 
+async def read(database):
+    async with database.read_session() as session:
+        await session.execute(text("SELECT 1"))
+
+
 async def main():
     async with Database(settings) as database:
-        for attempt in (database.ping, database.read_session):
+        for attempt in (database.ping, lambda: read(database)):
             try:
-                if attempt == database.ping:
-                    await database.ping()
-                else:
-                    async with database.read_session() as session:
-                        await session.execute(text("SELECT 1"))
+                await attempt()
             except Exception as exc:
                 messages.extend([str(exc), repr(exc), repr(exc.__cause__)])
 
@@ -569,8 +572,12 @@ def test_no_secret_in_output_answers_or_errors(
     # Characters that a URL must escape, so that both spellings are searched for.
     password = f"Pw-{uuid.uuid4().hex[:12]}-@:/%"
     reader_password = f"Rd-{uuid.uuid4().hex[:12]}-#?&"
+    owner_password = f"Ow-{uuid.uuid4().hex[:12]}-;' ="
     price = 7_318_093  # beyond any process id, port or line number
-    secrets = Secrets([password, reader_password], [f"name-{token}", f"desc-{token}", str(price)])
+    secrets = Secrets(
+        [password, reader_password, owner_password],
+        [f"name-{token}", f"desc-{token}", str(price)],
+    )
     responses: list[str] = []
     caught: list[str] = []
     outputs: dict[str, str] = {}
@@ -585,12 +592,25 @@ def test_no_secret_in_output_answers_or_errors(
         assert "password authentication failed" in str(refused.value) or "no password" in str(
             refused.value
         ), refused.value
-        create_database(cluster.url, "secrets")
+        # Three roles, a password each: the service (postgres), its reads (reader) and the
+        # migrations, which own the schema (owner).
+        with psycopg.connect(cluster.url, autocommit=True, connect_timeout=5) as conn:
+            for role, secret in (("owner", owner_password), ("reader", reader_password)):
+                query = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+                conn.execute(query.format(sql.Identifier(role), sql.Literal(secret)))
+            conn.execute("CREATE DATABASE secrets OWNER owner")
         database_url = with_database(cluster.url, "secrets")
         read_url = f"postgresql://reader:{quote(reader_password, safe='')}@{host}/secrets"
-        outputs["alembic upgrade head"] = migrate(project, database_url)
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(f"CREATE ROLE reader LOGIN PASSWORD '{reader_password}'")
+        migration_url = f"postgresql://owner:{quote(owner_password, safe='')}@{host}/secrets"
+        urls = {
+            "DATABASE_URL": database_url,
+            "DATABASE_READ_URL": read_url,
+            "DATABASE_MIGRATION_URL": migration_url,
+        }
+        outputs["alembic upgrade head"] = migrate(project, database_url, **urls)
+        with psycopg.connect(migration_url, autocommit=True, connect_timeout=5) as conn:
+            owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'items'")
+            assert owner.fetchone() == ("owner",), "the migrations ran as another role"
             conn.execute("GRANT SELECT ON items TO reader")
 
         for log_format in ("text", "json"):
@@ -598,8 +618,7 @@ def test_no_secret_in_output_answers_or_errors(
                 project,
                 tmp_path / f"{log_format}.out",
                 stderr_path=tmp_path / f"{log_format}.err",
-                DATABASE_URL=database_url,
-                DATABASE_READ_URL=read_url,
+                **urls,
                 DB_ECHO="true",
                 LOG_LEVEL="DEBUG",
                 LOG_FORMAT=log_format,
@@ -645,7 +664,7 @@ def test_no_secret_in_output_answers_or_errors(
                         probe = run(
                             [*UV_RUN, "python", "-c", PROBE],
                             project,
-                            clean_env(DATABASE_URL=database_url, DATABASE_READ_URL=read_url),
+                            clean_env(**urls),
                         )
                         logged, _, printed = probe.partition("MESSAGES ")
                         caught.extend(json.loads(printed.splitlines()[0]))
@@ -676,6 +695,7 @@ def test_no_secret_in_output_answers_or_errors(
     # The checks could fail: the echo, the debug lines and the outage really happened.
     text_log = outputs["stdout, LOG_FORMAT=text"]
     json_log = outputs["stdout, LOG_FORMAT=json"]
+    assert "Running upgrade" in outputs["alembic upgrade head"], outputs["alembic upgrade head"]
     for log in (text_log, json_log):
         assert "INSERT INTO items" in log, "no statement echoed (DB_ECHO)"
         assert "slow query" in log, "no slow-query line"
