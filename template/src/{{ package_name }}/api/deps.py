@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db import Database
+from ..db.session import WRITES, Writes
 
 
 # The dependencies are `async def` although some never await: FastAPI runs a plain `def`
@@ -22,15 +23,26 @@ async def get_database(request: Request) -> Database:
 DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
-async def get_db(database: DatabaseDep) -> AsyncIterator[AsyncSession]:
+def request_writes(request: Request) -> Writes:
+    """The request's record of whether it wrote: its read sessions turn to the primary then."""
+    writes: Writes | None = request.scope.get(WRITES)
+    if writes is None:
+        writes = request.scope[WRITES] = Writes()
+    return writes
+
+
+async def get_db(request: Request, database: DatabaseDep) -> AsyncIterator[AsyncSession]:
     """One session per request: committed if the handler returns, rolled back if it raises."""
     async with database.session() as session:
+        session.info[WRITES] = request_writes(request)
         yield session
 
 
-async def get_read_db(database: DatabaseDep) -> AsyncIterator[AsyncSession]:
-    """One read-only session per request: the database refuses writes through it."""
+async def get_read_db(request: Request, database: DatabaseDep) -> AsyncIterator[AsyncSession]:
+    """One read-only session per request: the database refuses writes through it. After the
+    request wrote, it reads from the primary (never from a replica that may lag)."""
     async with database.read_session() as session:
+        session.info[WRITES] = request_writes(request)
         yield session
 
 
