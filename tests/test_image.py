@@ -250,7 +250,7 @@ def test_image_migrates_serves_and_stops_gracefully(
         app_url = bouncer.url(database) if bouncer else direct_url
         migrate_env = {"DATABASE_URL": app_url}
         if bouncer:
-            migrate_env["DATABASE_DIRECT_URL"] = direct_url
+            migrate_env["DATABASE_MIGRATION_URL"] = direct_url
 
         # The image runs the migrations; with PgBouncer, past it on the direct URL.
         migrated = containers.run_once(image_tag, "alembic", "upgrade", "head", env=migrate_env)

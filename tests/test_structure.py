@@ -94,12 +94,15 @@ EXAMPLE_ONLY = [
     f"src/{PKG}/models/item.py",
     f"src/{PKG}/schemas.py",
     f"src/{PKG}/api/items.py",
+    "tests/test_bad_input.py",
     "tests/test_items.py",
 ]
 PROTOTYPE_ONLY = ["docs/database/prototype.md", f"src/{PKG}/db/prototype.py"]
 POSTGRES_AND_ALEMBIC = ["migrations/runtime_role.sql", "tests/test_roles.py"]
 METRICS_ONLY = [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
+# SQLite gives out the ids of deleted rows again without AUTOINCREMENT: 0002 adds it.
+ALEMBIC_AND_EXAMPLE_ON_SQLITE = ["migrations/versions/20261129_0002_items_autoincrement.py"]
 
 DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
 
@@ -131,6 +134,7 @@ def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None
         (POSTGRES_AND_ALEMBIC, is_postgres and alembic),
         (EXAMPLE_ONLY, example),
         (ALEMBIC_AND_EXAMPLE, alembic and example),
+        (ALEMBIC_AND_EXAMPLE_ON_SQLITE, alembic and example and not is_postgres),
     ]
     for group, present in groups:
         if present:
@@ -237,7 +241,7 @@ def check_compose_services(root: Path, data: dict[str, Any]) -> None:
         migrate = services["migrate"]
         assert migrate["build"] == "."
         assert migrate["command"] == ["alembic", "upgrade", "head"]
-        url = migrate["environment"]["DATABASE_DIRECT_URL" if pooled else "DATABASE_URL"]
+        url = migrate["environment"]["DATABASE_MIGRATION_URL" if pooled else "DATABASE_URL"]
         assert "@db:5432/" in url
         assert migrate["depends_on"] == {"db": {"condition": "service_healthy"}}
         assert app["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
