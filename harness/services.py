@@ -71,6 +71,13 @@ class RestartableCluster(ThrowawayCluster):
         )
 
 
+def report(record_property: Callable[[str, Any], None], label: str, figures: str) -> None:
+    """Print a test's figures and keep them (pytest's `record_property`) for the list at the
+    end of the run (tests/conftest.py), also from pytest-xdist workers."""
+    print(f"\n[{label}] {figures}")
+    record_property("figures", f"{label}: {figures}")
+
+
 def render_synced(dst: Path, **data: Any) -> Path:
     """Render the template into `dst` with `data` and install the project's environment
     (`uv sync`); return the project's root."""

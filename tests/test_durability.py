@@ -37,6 +37,7 @@ from harness.services import (
     drive_load,
     migrate,
     render_synced,
+    report,
     run,
     throwaway_cluster,
     wait_accepting,
@@ -128,12 +129,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         migrations="alembic",
         with_example=True,
     )
-
-
-def report(record_property: Callable[[str, Any], None], label: str, figures: str) -> None:
-    """Print the figures and list them at the end of the run (tests/conftest.py)."""
-    print(f"\n[{label}] {figures}")
-    record_property("figures", f"{label}: {figures}")
 
 
 async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:

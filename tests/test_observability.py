@@ -29,6 +29,7 @@ from harness.services import (
     drive_load,
     migrate,
     render_synced,
+    report,
     throwaway_cluster,
     wait_accepting,
     wait_until,
@@ -68,12 +69,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with_example=True,
         metrics=True,
     )
-
-
-def report(record_property: Callable[[str, Any], None], label: str, figures: str) -> None:
-    """Print the figures and list them at the end of the run (tests/conftest.py)."""
-    print(f"\n[{label}] {figures}")
-    record_property("figures", f"{label}: {figures}")
 
 
 # -- 4. LOG_FORMAT=json ----------------------------------------------------------------
