@@ -100,6 +100,9 @@ def parse_lines(output: str) -> list[dict[str, Any]]:
         assert isinstance(record, dict), f"line {number}: {line[:500]!r}"
         missing = [f for f in REQUIRED_FIELDS if not isinstance(record.get(f), str)]
         assert not missing, f"line {number} lacks {missing}: {line[:500]!r}"
+        # No terminal colour codes (uvicorn's color_message) in a machine's log.
+        colored = [key for key, value in record.items() if "\x1b" in str(value)]
+        assert not colored, f"line {number}: colour codes in {colored}: {line[:500]!r}"
         datetime.fromisoformat(record["time"])
         records.append(record)
     return records
