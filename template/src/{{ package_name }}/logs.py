@@ -48,6 +48,9 @@ def configure_logging(settings: Settings) -> None:
         )
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    # The handler's level too: records of loggers with a level of their own (uvicorn's)
+    # reach it whatever the root logger's level is.
+    handler.setLevel(settings.log_level)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, ServiceHandler)]:
         root.removeHandler(old)
@@ -55,6 +58,8 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for name in UVICORN_LOGGERS:
         logger = logging.getLogger(name)
+        # LOG_LEVEL decides, not uvicorn's --log-level.
+        logger.setLevel(logging.NOTSET)
         # Only loggers uvicorn gave a handler: `--no-access-log` leaves uvicorn.access
         # without one, and it stays silent.
         if logger.handlers:

@@ -30,12 +30,6 @@ FIRST_DELAY_SECONDS = 0.05
 MAX_DELAY_SECONDS = 2.0
 
 
-class UnknownOutcomeError(Exception):
-    """The connection broke after COMMIT was sent: the work may or may not have been
-    committed. Not retried, since running it again could do it twice; the caller must find
-    out (read the data back) or report the outcome as unknown."""
-
-
 async def run_in_transaction(
     database: Database,
     work: Callable[[AsyncSession], Awaitable[T]],
@@ -46,23 +40,17 @@ async def run_in_transaction(
     session after a jittered wait, when the database aborted it (serialization failure,
     deadlock) or the connection broke before COMMIT was sent; at most `attempts` times.
 
-    Raises UnknownOutcomeError when the connection broke while committing, and the last
-    error when every attempt failed.
+    Raises UnknownOutcomeError when the connection broke while committing (see
+    session_scope), and the last error when every attempt failed.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1 (got {attempts})")
     for attempt in range(1, attempts + 1):
-        committing = False
         try:
-            async with database.sessionmaker() as session:
+            async with database.session() as session:
                 result = await work(session)
-                await session.flush()
-                committing = True
-                await session.commit()
             return result
         except DBAPIError as exc:
-            if committing and is_connection_failure(exc):
-                raise UnknownOutcomeError(describe(exc)) from exc
             if attempt == attempts or not (is_transient(exc) or is_connection_failure(exc)):
                 raise
             delay = min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2 ** (attempt - 1))

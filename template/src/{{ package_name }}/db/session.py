@@ -9,8 +9,11 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+
+from .errors import UnknownOutcomeError, describe, is_connection_failure
 
 # Session.info keys: the Writes record a session shares with the other sessions of its unit
 # of work (a request), and the primary a read session turns to once that unit wrote.
@@ -69,11 +72,22 @@ def make_sessionmaker(
 async def session_scope(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
-    """A session that commits when the block succeeds and rolls back when it raises."""
+    """A session that commits when the block succeeds and rolls back when it raises.
+
+    A connection that breaks while COMMIT is under way raises UnknownOutcomeError: the work
+    may have been committed or not. Failures before COMMIT (flushing the last changes
+    included) raise as they are: nothing was committed then.
+    """
     async with sessionmaker() as session:
         try:
             yield session
+            await session.flush()
         except BaseException:
             await session.rollback()
             raise
-        await session.commit()
+        try:
+            await session.commit()
+        except DBAPIError as exc:
+            if is_connection_failure(exc):
+                raise UnknownOutcomeError(describe(exc)) from exc
+            raise
