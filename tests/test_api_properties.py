@@ -105,7 +105,7 @@ def test_generated_requests_get_documented_answers(
     report = json.loads((workdir / "report.json").read_text())
     cases = report["test_cases"]
     assert report["complete"], output
-    assert report["operations"]["tested"] == report["operations"]["total"] == 6, output
+    assert report["operations"]["tested"] == report["operations"]["total"] == 7, output
     assert (report["failures"], report["errors"], cases["errored"]) == ([], [], 0), output
     assert cases["generated"] >= 200, output
     # No answer was a 500, so no traceback, which would carry the driver's message.
