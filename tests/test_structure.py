@@ -35,6 +35,7 @@ ALWAYS = [
     "docs/database/performance.md",
     "docs/database/pool.md",
     "docs/database/sessions.md",
+    "docs/database/transactions.md",
     "docs/database/troubleshooting.md",
     "pyproject.toml",
     f"src/{PKG}/__init__.py",
@@ -98,7 +99,11 @@ EXAMPLE_ONLY = [
     "tests/test_items.py",
 ]
 PROTOTYPE_ONLY = ["docs/database/prototype.md", f"src/{PKG}/db/prototype.py"]
-POSTGRES_AND_ALEMBIC = ["migrations/runtime_role.sql", "tests/test_roles.py"]
+POSTGRES_AND_ALEMBIC = [
+    "docs/database/roles.md",
+    "migrations/runtime_role.sql",
+    "tests/test_roles.py",
+]
 METRICS_ONLY = [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]
 ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
 # SQLite gives out the ids of deleted rows again without AUTOINCREMENT: 0002 adds it.
