@@ -12,12 +12,17 @@ from ..db import Database
 from ..db.session import WRITES, Writes
 
 
-# The dependencies are `async def` although some never await: FastAPI runs a plain `def`
-# dependency in its thread pool, a thread hop on every request.
-async def get_database(request: Request) -> Database:
+def database_of(request: Request) -> Database:
     """The Database that the application's lifespan opened (its state; see main.py)."""
     database: Database = request.state.database
     return database
+
+
+# The dependencies are `async def` although some never await: FastAPI runs a plain `def`
+# dependency in its thread pool, a thread hop on every request.
+async def get_database(request: Request) -> Database:
+    """The Database, for handlers and probes that need more than a session."""
+    return database_of(request)
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]
@@ -31,17 +36,19 @@ def request_writes(request: Request) -> Writes:
     return writes
 
 
-async def get_db(request: Request, database: DatabaseDep) -> AsyncIterator[AsyncSession]:
+# The session dependencies read the Database themselves rather than through DatabaseDep:
+# one dependency less to resolve on every request.
+async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request: committed if the handler returns, rolled back if it raises."""
-    async with database.session() as session:
+    async with database_of(request).session() as session:
         session.info[WRITES] = request_writes(request)
         yield session
 
 
-async def get_read_db(request: Request, database: DatabaseDep) -> AsyncIterator[AsyncSession]:
+async def get_read_db(request: Request) -> AsyncIterator[AsyncSession]:
     """One read-only session per request: the database refuses writes through it. After the
     request wrote, it reads from the primary (never from a replica that may lag)."""
-    async with database.read_session() as session:
+    async with database_of(request).read_session() as session:
         session.info[WRITES] = request_writes(request)
         yield session
 
