@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fixture_overhead, service_load, template_ops
+from bench import feature_costs, fixture_overhead, service_load, template_ops
 from bench.report import table
 from harness.rendering import REPO_ROOT
 from harness.updates import previous_release
@@ -64,7 +64,8 @@ def main() -> None:
         "asyncpg @<baseline>, (a) raw asyncpg, (b) sync SQLAlchemy + psycopg, (c) plain async "
         "SQLAlchemy, (d) peer template session, rendered asyncpg, stock pool, and the knobs "
         "'asyncpg, <setting>'. Example: bench/run --rounds 3 --baseline none --only '(b)' "
-        "--only '(c)' --only '(d)' --only 'stock pool'",
+        "--only '(c)' --only '(d)' --only 'stock pool'; --only features runs the in-process "
+        "feature costs alone",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=6, help="measured seconds per load run")
@@ -111,20 +112,24 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        for part in ("load", "fixtures", "template"):
+        for part in ("load", "features", "fixtures", "template"):
             (work / part).mkdir()
-        print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
-        load = service_load.run_all(
-            work / "load",
-            admin_url,
-            args.seconds,
-            args.warmup,
-            rounds=args.rounds,
-            only=args.only,
-            baseline=baseline,
-            template_ref=args.template,
-        )
-        figures["http"] = load
+        load_only = [text for text in args.only or [] if text != "features"]
+        if args.only is None or load_only:
+            print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
+            figures["http"] = service_load.run_all(
+                work / "load",
+                admin_url,
+                args.seconds,
+                args.warmup,
+                rounds=args.rounds,
+                only=load_only or None,
+                baseline=baseline,
+                template_ref=args.template,
+            )
+        if args.only is None or "features" in args.only:
+            print("\nFeature costs (in-process, GET /items/{id}, CPU per request):", flush=True)
+            figures["features"] = feature_costs.run_all(work / "features", admin_url)
         if args.only is None:
             print("\nPer-test isolation overhead:", flush=True)
             figures["fixtures"] = fixture_overhead.run(work / "fixtures", n_tests=args.tests)
@@ -134,6 +139,20 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
+    if "http" in figures:
+        print_load(figures["http"])
+    if "features" in figures:
+        print("\n== Feature costs: CPU per in-process GET /items/{id}, median of rounds")
+        print(table(figures["features"]))
+    if "fixtures" in figures:
+        print("\n== Per-test isolation overhead")
+        print(table(figures["fixtures"]))
+        print("\n== Template operations (seconds)")
+        print(table(figures["template"]))
+    print(f"\nwritten: {args.out} ({figures['wall_s']} s in all)")
+
+
+def print_load(load: dict[str, Any]) -> None:
     print(
         f"\n== HTTP load: {load['concurrency']} connections, {load['seconds']} s per run, "
         f"median of {load['rounds']} rounds; cpu_us: service CPU time per request; "
@@ -153,12 +172,6 @@ def main() -> None:
     if load["knobs"]:
         print("\n== Knobs / rendered asyncpg with defaults: median (min-max) of rounds")
         print(table(load["knobs"]))
-    if "fixtures" in figures:
-        print("\n== Per-test isolation overhead")
-        print(table(figures["fixtures"]))
-        print("\n== Template operations (seconds)")
-        print(table(figures["template"]))
-    print(f"\nwritten: {args.out} ({figures['wall_s']} s in all)")
 
 
 if __name__ == "__main__":

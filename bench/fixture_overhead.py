@@ -11,9 +11,9 @@ of N tiny tests each are run with the rendered project's own pytest against Post
 
 - baseline: no database fixture at all, so pytest's (and pytest-asyncio's) own per-test cost
   can be taken out;
-- savepoint rollback: the project's `sessionmaker` fixture;
+- savepoint rollback: the sessions of the project's `database` fixture;
 - recreate tables: a fixture in the generated file that drops and creates every table on the
-  project's `engine` before each test and gives `make_sessionmaker(engine)`.
+  project's `owner_engine` before each test and gives `make_sessionmaker(owner_engine)`.
 
 Each database test inserts one item, commits, reads it back and counts the table.
 Per row: `wall_s` is the wall time of the pytest process, `pytest_s` the duration pytest
@@ -44,9 +44,9 @@ RUNS = 2
 PYTEST = ("uv", "run", "--no-sync", "pytest", "-q", "-p", "no:cacheprovider")
 # What the savepoint case relies on in the rendered conftest.
 CONFTEST_MARKERS = (
-    "async def engine(",
+    "async def owner_engine(",
     "async def connection(",
-    "def sessionmaker(",
+    "async def database(",
     'join_transaction_mode="create_savepoint"',
     "await transaction.rollback()",
 )
@@ -92,7 +92,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ${package}.db import Database
 from ${package}.models.item import Item
+
+
+@pytest.fixture
+def sessionmaker(database: Database) -> async_sessionmaker[AsyncSession]:
+    """The project's per-test Database: its sessions join the test's transaction."""
+    return database.sessionmaker
 
 '''
     + DB_TESTS
@@ -112,12 +119,13 @@ from ${package}.models.item import Item
 
 
 @pytest.fixture
-async def fresh_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Every table dropped and created again; sessions on the engine, commits real."""
-    async with engine.begin() as connection:
+async def fresh_sessionmaker(owner_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Every table dropped and created again (by the schema's owner); sessions on that
+    engine, commits real."""
+    async with owner_engine.begin() as connection:
         await connection.run_sync(Base.metadata.drop_all)
         await connection.run_sync(Base.metadata.create_all)
-    return make_sessionmaker(engine)
+    return make_sessionmaker(owner_engine)
 
 '''
     + DB_TESTS
