@@ -81,7 +81,10 @@ async def session_scope(
     async with sessionmaker() as session:
         try:
             yield session
-            await session.flush()
+            if session.new or session.dirty or session.deleted:
+                # Changes are sent before COMMIT, so that a failure here is not taken for one
+                # while committing (a session with nothing pending skips the round to SQLAlchemy).
+                await session.flush()
         except BaseException:
             await session.rollback()
             raise
