@@ -46,7 +46,7 @@ PYTEST = ("uv", "run", "--no-sync", "pytest", "-q", "-p", "no:cacheprovider")
 CONFTEST_MARKERS = (
     "async def owner_engine(",
     "async def connection(",
-    "async def database(",
+    "def database(",
     'join_transaction_mode="create_savepoint"',
     "await transaction.rollback()",
 )
