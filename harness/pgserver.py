@@ -121,18 +121,19 @@ class ThrowawayCluster:
             self._run(*initdb)
         finally:
             (self.root / "pwfile").unlink(missing_ok=True)
+        self.pg_ctl_start(wait=True)
+        return self.url
+
+    def pg_ctl_start(self, *, wait: bool) -> None:
+        """Start the server on the cluster's data directory; `wait`: until it accepts
+        connections."""
         self._run(
             str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            self.options(),
-            "-l",
-            str(self.root / "server.log"),
-            "-w",
+            *("-D", str(self.data), "-o", self.options()),
+            *("-l", str(self.root / "server.log")),
+            "-w" if wait else "-W",
             "start",
         )
-        return self.url
 
     def stop(self) -> None:
         try:

@@ -58,17 +58,7 @@ class RestartableCluster(ThrowawayCluster):
 
     def start_server(self) -> None:
         """Start the stopped server without waiting: the caller times its readiness."""
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            self.options(),
-            "-l",
-            str(self.root / "server.log"),
-            "-W",
-            "start",
-        )
+        self.pg_ctl_start(wait=False)
 
 
 def report(record_property: Callable[[str, Any], None], label: str, figures: str) -> None:
