@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -144,6 +145,18 @@ def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         conn.execute(query)
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A new database on the server of `admin_url`, named `prefix` and a random suffix, and
+    dropped afterwards with whatever is still connected to it: yields its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    create_database(admin_url, name)
+    try:
+        yield name
+    finally:
+        drop_database(admin_url, name)
 
 
 class Service:

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ import pytest
 
 from harness.rendering import answer_values
 from harness.services import (
-    create_database,
-    drop_database,
     migrate,
     render_synced,
     running_service,
+    scratch_database,
     with_database,
 )
 
@@ -58,12 +56,8 @@ def new_database(driver: str, pg_admin_url: str, tmp_path: Path) -> Iterator[str
     if driver == "aiosqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'items.db'}"
         return
-    name = f"api_properties_{driver}_{uuid.uuid4().hex[:8]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, f"api_properties_{driver}") as name:
         yield with_database(pg_admin_url, name)
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 def schemathesis(base_url: str, workdir: Path) -> subprocess.CompletedProcess[str]:

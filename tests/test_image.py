@@ -34,7 +34,7 @@ from harness.containers import Container, ContainerError
 from harness.pgbouncer import PgBouncer
 from harness.pgserver import free_port
 from harness.rendering import clean_env, render
-from harness.services import create_database, drop_database, run, with_database
+from harness.services import run, scratch_database, with_database
 from harness.system import MissingProgramError
 
 pytestmark = pytest.mark.slow
@@ -92,12 +92,8 @@ def base_image() -> str:
 
 @pytest.fixture
 def database(pg_admin_url: str) -> Iterator[str]:
-    name = f"image_{uuid.uuid4().hex[:10]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "image") as name:
         yield name
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 @pytest.fixture

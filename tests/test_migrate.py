@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import psycopg
 import pytest
 
 from harness.rendering import clean_env, render
-from harness.services import create_database, drop_database, run, with_database
+from harness.services import run, scratch_database, with_database
 
 REPLICAS = 3
 # A slow revision, so that the replicas' runs overlap: without the advisory lock, the others
@@ -65,12 +64,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def database(pg_admin_url: str) -> Iterator[str]:
-    name = f"migrate_{uuid.uuid4().hex[:10]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "migrate") as name:
         yield with_database(pg_admin_url, name)
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 def alembic(root: Path, url: str, *args: str, **env: str) -> subprocess.Popen[str]:

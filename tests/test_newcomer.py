@@ -9,13 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from harness.rendering import clean_env, render
-from harness.services import create_database, drop_database, with_database
+from harness.services import scratch_database, with_database
 
 PACKAGE = "my_service"
 
@@ -94,9 +93,7 @@ def test_autogenerate_compares_the_source_after_a_plain_pip_install(
     )
     assert "site-packages" in installed, installed
 
-    name = f"test_newcomer_{uuid.uuid4().hex[:8]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "test_newcomer") as name:
         # The virtualenv active, as a pip user works.
         env = activated(env, venv)
         env["DATABASE_URL"] = with_database(pg_admin_url, name)
@@ -115,8 +112,6 @@ def test_autogenerate_compares_the_source_after_a_plain_pip_install(
         [revision] = new_revisions(root, before)
         text = revision.read_text()
         assert re.search(r'op\.add_column\(\s*"items",\s*sa\.Column\(\s*"nickname"', text), text
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 @pytest.mark.slow

@@ -32,10 +32,9 @@ from harness.pgserver import free_port
 from harness.rendering import clean_env, render
 from harness.services import (
     ConnectionSampler,
-    create_database,
-    drop_database,
     run,
     running_service,
+    scratch_database,
     with_database,
 )
 from harness.system import MissingProgramError
@@ -107,12 +106,8 @@ def bouncer(server: tuple[str, int]) -> Iterator[PgBouncer]:
 @pytest.fixture
 def database(pg_admin_url: str) -> Iterator[str]:
     """A fresh database on the shared server, dropped afterwards."""
-    name = f"svc_pgb_{uuid.uuid4().hex[:12]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "svc_pgb") as name:
         yield name
-    finally:
-        drop_database(pg_admin_url, name)
 
 
 def migrate(root: Path, **env: str) -> str:

@@ -23,10 +23,10 @@ from harness.services import (
     ConnectionSampler,
     create_database,
     drive_load,
-    drop_database,
     migrate,
     render_synced,
     running_service,
+    scratch_database,
     throwaway_cluster,
     wait_accepting,
     with_database,
@@ -209,9 +209,7 @@ def test_load_stays_within_the_pool(
     pg_admin_url: str,
     record_property: Callable[[str, Any], None],
 ) -> None:
-    name = f"svc_faults_{uuid.uuid4().hex[:12]}"
-    create_database(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "svc_faults") as name:
         database_url = with_database(pg_admin_url, name)
         migrate(project, database_url)
         with running_service(
@@ -235,8 +233,6 @@ def test_load_stays_within_the_pool(
             finally:
                 samples = sampler.finish()
             log = service.log()
-    finally:
-        drop_database(pg_admin_url, name)
 
     rate = LOAD_REQUESTS / elapsed
     peak = max(samples, default=0)
