@@ -31,7 +31,9 @@ from harness.pgbouncer import PgBouncer, require_pgbouncer
 from harness.pgserver import free_port
 from harness.rendering import clean_env, render
 from harness.services import (
+    UV_RUN,
     ConnectionSampler,
+    migrate,
     run,
     running_service,
     scratch_database,
@@ -40,7 +42,6 @@ from harness.services import (
 from harness.system import MissingProgramError
 
 DRIVERS = ["asyncpg", "psycopg"]
-UV_RUN = ["uv", "run", "--no-sync"]
 
 BOUNCER_POOL_SIZE = 10
 WORKERS = 2
@@ -108,10 +109,6 @@ def database(pg_admin_url: str) -> Iterator[str]:
     """A fresh database on the shared server, dropped afterwards."""
     with scratch_database(pg_admin_url, "svc_pgb") as name:
         yield name
-
-
-def migrate(root: Path, **env: str) -> str:
-    return run([*UV_RUN, "alembic", "upgrade", "head"], root, clean_env(**env))
 
 
 def seed(direct_url: str) -> list[int]:
@@ -287,11 +284,7 @@ def test_load_through_pgbouncer_with_two_workers(
     record_property: Callable[[str, Any], None],
 ) -> None:
     root = project(driver, "pgbouncer")
-    migrate(
-        root,
-        DATABASE_URL=bouncer.url(database),
-        DATABASE_DIRECT_URL=with_database(pg_admin_url, database),
-    )
+    migrate(root, bouncer.url(database), DATABASE_DIRECT_URL=with_database(pg_admin_url, database))
     result = serve_and_load(
         root,
         tmp_path / "uvicorn.log",
@@ -328,7 +321,7 @@ def test_without_pooler_mode_prepared_statements_fail(
     the startup parameter: prepared statements are then the only difference."""
     root = project(driver, "none")
     # This variant has no DATABASE_DIRECT_URL: migrate on the server directly.
-    migrate(root, DATABASE_URL=with_database(pg_admin_url, database), DB_STATEMENT_TIMEOUT="0")
+    migrate(root, with_database(pg_admin_url, database), DB_STATEMENT_TIMEOUT="0")
     result = serve_and_load(
         root,
         tmp_path / "uvicorn.log",
@@ -363,7 +356,7 @@ def test_migrations_use_the_direct_url(
     root = project("asyncpg", "pgbouncer")
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/{database}"
     direct_url = with_database(pg_admin_url, database)
-    migrate(root, DATABASE_URL=nowhere, DATABASE_DIRECT_URL=direct_url)
+    migrate(root, nowhere, DATABASE_DIRECT_URL=direct_url)
     with psycopg.connect(direct_url, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("SELECT to_regclass('public.items') IS NOT NULL").fetchone()
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
@@ -383,7 +376,7 @@ def test_connection_budget_without_pooler_two_workers(
     workers x (pool size + overflow) connections."""
     root = project("asyncpg", "none")
     direct_url = with_database(pg_admin_url, database)
-    migrate(root, DATABASE_URL=direct_url)
+    migrate(root, direct_url)
     result = serve_and_load(
         root, tmp_path / "uvicorn.log", pg_admin_url, database, direct_url, BUDGET_CONCURRENCY
     )
