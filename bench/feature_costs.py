@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from harness.rendering import clean_env, render
-from harness.services import create_database, drop_database, run, with_database
+from harness.services import create_database, drop_database, migrate, run, with_database
 
 ROUNDS = 15
 BATCH = 1500  # requests per case and round
@@ -273,11 +273,7 @@ def prepare(work: Path, admin_url: str) -> tuple[Path, Path, str]:
     name = f"bench_features_{project.stat().st_ino}"
     create_database(admin_url, name)
     url = with_database(admin_url, name)
-    run(
-        ["uv", "run", "--no-sync", "alembic", "upgrade", "head"],
-        project,
-        clean_env(DATABASE_URL=url),
-    )
+    migrate(project, url)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO items (name, price_cents) "
