@@ -47,7 +47,6 @@ import shutil
 import sqlite3
 import statistics
 import subprocess
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,15 @@ from typing import Any
 import psycopg
 
 from harness.rendering import clean_env, render
-from harness.services import Service, create_database, drop_database, run, with_database
+from harness.services import (
+    ConnectionSampler,
+    Service,
+    create_database,
+    drop_database,
+    migrate,
+    run,
+    with_database,
+)
 
 APPS_DIR = Path(__file__).resolve().parent / "apps"
 SEED_ITEMS = 1000
@@ -166,44 +173,6 @@ def sessions_opened(admin_url: str, database: str) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-class ConnectionSampler(threading.Thread):
-    """The most client connections to `database` open at once, counted every `interval`
-    seconds on a connection of its own to the admin database (so it never counts itself).
-    Autovacuum workers, which also show under the database's name, are left out."""
-
-    def __init__(self, admin_url: str, database: str, interval: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.admin_url = admin_url
-        self.database = database
-        self.interval = interval
-        self.peak = 0
-        self.error: BaseException | None = None
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        query = (
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = %s AND backend_type = 'client backend'"
-        )
-        try:
-            with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
-                while not self._stop_event.is_set():
-                    # A new snapshot each time: pg_stat_activity is cached per transaction,
-                    # and in autocommit every statement is its own.
-                    row = conn.execute(query, (self.database,)).fetchone()
-                    self.peak = max(self.peak, int(row[0]) if row else 0)
-                    self._stop_event.wait(self.interval)
-        except Exception as exc:
-            self.error = exc
-
-    def finish(self) -> int:
-        self._stop_event.set()
-        self.join(10)
-        if self.is_alive() or self.error is not None:
-            raise RuntimeError(f"connection sampler failed: {self.error!r}")
-        return self.peak
-
-
 class Bench:
     """Renders the variants, prepares their databases and runs the cases."""
 
@@ -243,9 +212,8 @@ class Bench:
             run(["uv", "sync", "--quiet", "--no-dev"], root, clean_env())
             self.roots[project] = root
         create_database(self.admin_url, self.database)
-        alembic = ["uv", "run", "--no-sync", "alembic", "upgrade", "head"]
-        run(alembic, self.roots["asyncpg"], clean_env(DATABASE_URL=self.pg_url))
-        run(alembic, self.roots["aiosqlite"], clean_env(DATABASE_URL=self.url("aiosqlite")))
+        migrate(self.roots["asyncpg"], self.pg_url)
+        migrate(self.roots["aiosqlite"], self.url("aiosqlite"))
         with psycopg.connect(self.pg_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO items (name, price_cents) "
@@ -295,7 +263,7 @@ class Bench:
             sampler = None
             if is_pg:
                 before = sessions_opened(self.admin_url, self.database)
-                sampler = ConnectionSampler(self.admin_url, self.database)
+                sampler = ConnectionSampler(self.admin_url, self.database, interval=0.05)
                 sampler.start()
             cpu_before = group_cpu_seconds(service.proc.pid)
             try:
@@ -303,7 +271,7 @@ class Bench:
                 cpu = group_cpu_seconds(service.proc.pid) - cpu_before
             finally:
                 if sampler is not None:
-                    peak = sampler.finish()
+                    peak = max(sampler.finish(), default=0)
         finally:
             service.stop()
         # Read once the service has stopped: every one of its sessions has ended, and a server

@@ -318,8 +318,9 @@ async def drive_load(
 
 
 class ConnectionSampler(threading.Thread):
-    """Counts the server's connections to one database every `interval` seconds, on its
-    own connection to `admin_url` (another database, so it does not count itself)."""
+    """Counts the client connections to one database every `interval` seconds, on its own
+    connection to `admin_url` (another database, so it does not count itself). Autovacuum
+    workers, which also show under the database's name, are left out."""
 
     def __init__(
         self, admin_url: str, datname: str, interval: float = 0.02, max_samples: int = 10_000
@@ -337,8 +338,11 @@ class ConnectionSampler(threading.Thread):
         try:
             with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
                 while not self._stop_event.is_set() and len(self.samples) < self.max_samples:
+                    # A new snapshot each time: pg_stat_activity is cached per transaction,
+                    # and in autocommit every statement is its own.
                     row = conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = %s AND backend_type = 'client backend'",
                         (self.datname,),
                     ).fetchone()
                     assert row is not None
