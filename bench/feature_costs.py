@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from harness.rendering import clean_env, render
-from harness.services import create_database, drop_database, migrate, run, with_database
+from harness.services import migrate, run, scratch_database, with_database
 
 ROUNDS = 15
 BATCH = 1500  # requests per case and round
@@ -265,14 +265,11 @@ asyncio.run(main())
 """
 
 
-def prepare(work: Path, admin_url: str) -> tuple[Path, Path, str]:
-    """Render the service, build its environment, and a seeded database: (project, script,
-    database name)."""
+def prepare(work: Path, url: str) -> tuple[Path, Path]:
+    """Render the service, build its environment, migrate and seed the empty database at
+    `url`: (project, script)."""
     project = render(work / "svc", db_driver="asyncpg", with_example=True)
     run(["uv", "sync", "--quiet"], project, clean_env())
-    name = f"bench_features_{project.stat().st_ino}"
-    create_database(admin_url, name)
-    url = with_database(admin_url, name)
     migrate(project, url)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
@@ -290,26 +287,21 @@ def prepare(work: Path, admin_url: str) -> tuple[Path, Path, str]:
     ):
         source = source.replace(constant, str(value))
     script.write_text(source)
-    return project, script, name
+    return project, script
 
 
 def run_all(work: Path, admin_url: str) -> list[dict[str, Any]]:
-    project, script, name = prepare(work, admin_url)
-    try:
+    with scratch_database(admin_url, "bench_features") as name:
+        url = with_database(admin_url, name)
+        project, script = prepare(work, url)
         result = subprocess.run(
             ["uv", "run", "--no-sync", "python", str(script)],
             cwd=project,
-            env=clean_env(
-                DATABASE_URL=with_database(admin_url, name),
-                LOG_LEVEL="WARNING",
-                CASES=json.dumps(CASES),
-            ),
+            env=clean_env(DATABASE_URL=url, LOG_LEVEL="WARNING", CASES=json.dumps(CASES)),
             capture_output=True,
             text=True,
             timeout=1800,
         )
-    finally:
-        drop_database(admin_url, name)
     if result.returncode != 0:
         raise RuntimeError(f"feature cost run failed:\n{result.stderr[-4000:]}")
     samples: dict[str, list[float]] = json.loads(result.stdout.strip().splitlines()[-1])
