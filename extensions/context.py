@@ -67,6 +67,7 @@ class DatabaseFacts(ContextHook):
         db_name = context.get("db_name") or "app"
         # PgBouncer in transaction mode: no prepared statements, no session-level settings.
         uses_pooler = is_postgres and context.get("db_pooler") == "pgbouncer"
+        use_alembic = context.get("migrations", "alembic") == "alembic"
         # The URL without the driver: what .env.example shows, so that a .env written for one
         # PostgreSQL driver keeps working after switching to the other.
         if is_postgres:
@@ -84,7 +85,11 @@ class DatabaseFacts(ContextHook):
                 "is_asyncpg": driver == "asyncpg",
                 "is_psycopg": driver == "psycopg",
                 "uses_pooler": uses_pooler,
-                "use_alembic": context.get("migrations", "alembic") == "alembic",
+                # A read replica behind ReadSessionDep (DATABASE_READ_URL): PostgreSQL only.
+                "has_replica": is_postgres and context.get("read_replica") is True,
+                "use_alembic": use_alembic,
+                # DATABASE_MIGRATION_URL: migrations as the schema owner (PostgreSQL).
+                "has_migration_url": is_postgres and use_alembic,
                 "url_scheme": facts["url_scheme"],
                 "driver_requirement": facts["driver_requirement"],
                 "portable_database_url": portable_url,

@@ -1,0 +1,36 @@
+"""Answers that routes give besides their own (api/errors.py, the body limit), described for
+the OpenAPI schema: spread them into a router's or a route's `responses`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..schemas.common import ErrorMessage
+
+# Request bodies above this answer 413 before they are read into memory (FastAPI's
+# max_body_size, main.py). A proxy in front usually refuses them first (nginx's
+# client_max_body_size is 1 MB by default).
+MAX_BODY_BYTES = 1024 * 1024
+
+Responses = dict[int | str, dict[str, Any]]
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+# Every route that uses the database.
+DATABASE_ERRORS: Responses = {
+    503: {"model": ErrorMessage, "description": "Database busy or down", "headers": RETRY_AFTER},
+    504: {"model": ErrorMessage, "description": "Database query too slow"},
+}
+# Routes that write: a unique or foreign-key constraint refused the change, or the
+# transaction lost to a concurrent one (with Retry-After).
+CONFLICT: Responses = {409: {"model": ErrorMessage, "description": "Conflicts with other data"}}
+NOT_FOUND: Responses = {404: {"model": ErrorMessage, "description": "Not found"}}
+# Routes that read a body: not readable as JSON (too deeply nested, not UTF-8), or too large
+# (in text when its Content-Length announced too much: the body is never read then).
+BODY_ERRORS: Responses = {
+    400: {"model": ErrorMessage, "description": "Body not readable as JSON"},
+    413: {
+        "model": ErrorMessage,
+        "description": f"Body over {MAX_BODY_BYTES} bytes",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+}
