@@ -78,7 +78,7 @@ class DatabaseFacts(ContextHook):
             portable_url = f"sqlite:///./{db_name}.db"
         context.update(
             {
-                "python_keywords": keyword.kwlist + keyword.softkwlist,
+                "python_keywords": [*keyword.kwlist, *keyword.softkwlist],
                 "reserved_package_names": RESERVED_PACKAGE_NAMES,
                 "is_postgres": is_postgres,
                 "is_sqlite": not is_postgres,

@@ -309,7 +309,7 @@ def debian_mirror() -> str:
         text = path.read_text(errors="replace")
         if path.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
-                fields = {
+                fields: dict[str, str] = {
                     key.strip().lower(): value.strip()
                     for key, value in re.findall(r"^([A-Za-z-]+):(.*)$", stanza, re.M)
                 }

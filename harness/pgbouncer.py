@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .pgserver import free_port
+from .pgserver import AsUser, free_port
 from .system import require_program
 
 START_TIMEOUT = 10.0
@@ -175,7 +175,7 @@ class PgBouncer:
         # As root, the child switches to postgres before it executes pgbouncer: what `runuser
         # -u postgres --` does, without runuser's process in between (on SIGTERM it waits
         # 2 s before it passes SIGKILL on, which made every stop take 2 s).
-        as_user = (
+        as_user: AsUser = (
             {"user": self._owner[0], "group": self._owner[1], "extra_groups": []}
             if self._owner is not None
             else {}

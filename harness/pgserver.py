@@ -11,9 +11,12 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import quote, urlsplit
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# WAL senders (and replication slots) of a cluster made with `replication=True`.
+MAX_WAL_SENDERS = 5
 HOW_TO_PROVIDE = (
     "Set TEST_DATABASE_URL to a PostgreSQL server where user may create databases "
     "(e.g. postgresql://postgres@127.0.0.1:5432/postgres), or install the PostgreSQL "
@@ -51,6 +54,15 @@ def find_bindir() -> Path | None:
     return None
 
 
+class AsUser(TypedDict, total=False):
+    """subprocess's arguments that make the child switch to another user before it executes
+    the program (empty: run as ourselves)."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,17 +75,31 @@ class ThrowawayCluster:
 
     Trust auth unless `password` is given: then `postgres` has that password and every
     connection must present it (scram-sha-256). `fsync` is off by default, for speed; turn
-    it on where what is tested is that committed data survives a crash."""
+    it on where what is tested is that committed data survives a crash. `replication`: the
+    server also accepts streaming replication from loopback (wal_level=replica, WAL
+    senders, a `replication` line in pg_hba.conf with the same authentication), so that a
+    standby can be made from it (harness.replication)."""
 
-    def __init__(self, bindir: Path, *, fsync: bool = False, password: str | None = None) -> None:
+    # Of the temporary directory's name: what kind of cluster it holds.
+    kind = "throwaway"
+
+    def __init__(
+        self,
+        bindir: Path,
+        *,
+        fsync: bool = False,
+        password: str | None = None,
+        replication: bool = False,
+    ) -> None:
         self.bindir = bindir
         self.fsync = fsync
         self.password = password
+        self.replication = replication
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="pg-throwaway-", dir="/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix=f"pg-{self.kind}-", dir="/tmp"))
         self.data = self.root / "data"
         # As root, commands run as `postgres` (set by the child before it executes them).
-        self.as_user: dict[str, object] = {}
+        self.as_user: AsUser = {}
         self.owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
             try:
@@ -94,33 +120,50 @@ class ThrowawayCluster:
 
     def options(self) -> str:
         """The server's options (`pg_ctl -o`): `pg_ctl start` does not remember them."""
-        return (
+        options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
             f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
         )
+        if self.replication:
+            options += f" -c wal_level=replica -c max_wal_senders={MAX_WAL_SENDERS}"
+            options += f" -c max_replication_slots={MAX_WAL_SENDERS}"
+        return options
 
-    def _run(self, *args: str) -> None:
+    @property
+    def auth_method(self) -> str:
+        return "trust" if self.password is None else "scram-sha-256"
+
+    def _run(self, *args: str, timeout: float | None = None) -> None:
         subprocess.run(
-            args, check=True, capture_output=True, text=True, cwd=self.root, **self.as_user
+            args,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            timeout=timeout,
+            **self.as_user,
         )
 
     def start(self) -> str:
         initdb = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8"]
-        if self.password is None:
-            initdb.append("--auth=trust")
-        else:
+        initdb.append(f"--auth={self.auth_method}")
+        if self.password is not None:
             pwfile = self.root / "pwfile"
             pwfile.write_text(self.password + "\n")
             pwfile.chmod(0o600)
             if self.owner is not None:
                 os.chown(pwfile, *self.owner)
-            initdb += ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+            initdb.append(f"--pwfile={pwfile}")
         if not self.fsync:
             initdb.append("--no-sync")
         try:
             self._run(*initdb)
         finally:
             (self.root / "pwfile").unlink(missing_ok=True)
+        if self.replication:
+            # initdb's own pg_hba.conf has such lines too; this one does not depend on it.
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host replication postgres 127.0.0.1/32 {self.auth_method}\n")
         self.pg_ctl_start(wait=True)
         return self.url
 

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from .pgserver import HOW_TO_PROVIDE, NoServerError, ThrowawayCluster, find_bindir, free_port
-from .rendering import clean_env, render
+from .rendering import REPO_ROOT, clean_env, render
 
 # Every wait below is bounded by one of these.
 SERVICE_START_TIMEOUT = 30.0
@@ -32,6 +32,10 @@ DATABASE_START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
 
 UV_RUN = ["uv", "run", "--no-sync"]
+
+# What Service runs by default: the rendered package's application factory (`create_app()`,
+# which needs no arguments), under `uvicorn --factory`.
+DEFAULT_APP = "my_service.main:create_app"
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
@@ -57,9 +61,10 @@ class RestartableCluster(ThrowawayCluster):
             str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"
         )
 
-    def start_server(self) -> None:
-        """Start the stopped server without waiting: the caller times its readiness."""
-        self.pg_ctl_start(wait=False)
+    def start_server(self, *, wait: bool = False) -> None:
+        """Start the stopped server. Without `wait` it returns at once and the caller times
+        its readiness; with `wait`, once the server accepts connections."""
+        self.pg_ctl_start(wait=wait)
 
 
 def report(record_property: Callable[[str, Any], None], label: str, figures: str) -> None:
@@ -77,10 +82,21 @@ def render_synced(dst: Path, **data: Any) -> Path:
     return root
 
 
+# Programs the tests copy into a rendered project and run there (ruff and mypy check them).
+TEST_PROGRAMS = REPO_ROOT / "tests" / "programs"
+
+
+def copy_program(name: str, destination: Path) -> Path:
+    """Copy tests/programs/`name` to `destination` (a file in a rendered project); return
+    `destination`."""
+    destination.write_text((TEST_PROGRAMS / name).read_text())
+    return destination
+
+
 @contextlib.contextmanager
 def throwaway_cluster(**options: Any) -> Iterator[RestartableCluster]:
-    """A started RestartableCluster of its own (`options`: fsync, password), removed
-    afterwards: for tests that stop or crash the server, never the shared one."""
+    """A started RestartableCluster of its own (`options`: fsync, password, replication),
+    removed afterwards: for tests that stop or crash the server, never the shared one."""
     bindir = find_bindir()
     if bindir is None:
         raise NoServerError(
@@ -163,14 +179,19 @@ class Service:
     """`uv run --no-sync uvicorn <app>` in a rendered project, on a free loopback port, with
     its output in a log file (stdout and stderr together, unless `stderr_path` is given:
     then stdout goes to `log_path` and stderr to `stderr_path`). Ready once every worker
-    has started and /health answers."""
+    has started and /health answers.
+
+    `app` is what uvicorn loads. By default the rendered package's factory,
+    `--factory my_service.main:create_app`; any other string is passed as it is, as an
+    application (add "--factory" to `uvicorn_args` if it names a factory instead). The
+    other keywords are the service's environment variables."""
 
     def __init__(
         self,
         root: Path,
         log_path: Path,
         *,
-        app: str = "my_service.main:app",
+        app: str = DEFAULT_APP,
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = (),
         stderr_path: Path | None = None,
@@ -196,8 +217,9 @@ class Service:
         return path.read_text(errors="replace") if path is not None and path.exists() else ""
 
     def start(self) -> None:
+        factory = ("--factory",) if self.app == DEFAULT_APP else ()
         cmd = [
-            *("uv", "run", "--no-sync", "uvicorn", self.app),
+            *("uv", "run", "--no-sync", "uvicorn", *factory, self.app),
             *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
             *("--timeout-graceful-shutdown", "3", *self.uvicorn_args),
         ]
@@ -265,7 +287,9 @@ class Service:
 def running_service(
     root: Path, log_path: Path, *, workers: int = 1, **env: str
 ) -> Iterator[Service]:
-    service = Service(root, log_path, workers=workers, **env)
+    # Every keyword of Service that is not a string is given, so that `env` fills only
+    # environment variables (and mypy can tell).
+    service = Service(root, log_path, workers=workers, uvicorn_args=(), stderr_path=None, **env)
     try:
         service.start()
         yield service

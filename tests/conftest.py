@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from harness import pgserver
+from harness.services import render_synced
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +23,21 @@ def pg_admin_url() -> Iterator[str]:
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default service (asyncpg, Alembic, the example), rendered and synced once per run
+    (per pytest-xdist worker), for the tests that run it against a throwaway cluster of their
+    own (tests/test_crash.py, test_kill.py, test_secrets.py). A test may add a module of its
+    own to it (the kill test's scaffold), which the others never import; none changes the
+    rendered files."""
+    return render_synced(
+        tmp_path_factory.mktemp("default") / "service",
+        db_driver="asyncpg",
+        migrations="alembic",
+        with_example=True,
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

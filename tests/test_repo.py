@@ -1,9 +1,10 @@
-"""The template's own files: README questions table and code style."""
+"""The template's own files: README questions table, code style and types."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 from harness.rendering import REPO_ROOT, questions
 
@@ -56,3 +57,12 @@ def test_template_code_passes_ruff() -> None:
     for args in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run(["ruff", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_harness_bench_and_tests_pass_mypy() -> None:
+    """mypy --strict over the files pyproject.toml's [tool.mypy] names (harness, bench,
+    tests, and the programs the tests copy into rendered projects)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

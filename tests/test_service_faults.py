@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,10 @@ def test_recovers_after_database_restart(
                 calls: dict[str, Callable[[], httpx.Response]] = {
                     f"GET {item_path}": lambda: client.get(item_path),
                     "GET /items": lambda: client.get("/items"),
-                    "POST /items": lambda n=attempt: client.post(
-                        "/items", json={"name": f"during-outage-{n}", "price_cents": 1}
+                    "POST /items": partial(
+                        client.post,
+                        "/items",
+                        json={"name": f"during-outage-{attempt}", "price_cents": 1},
                     ),
                     "GET /health/db": lambda: client.get("/health/db"),
                 }
