@@ -4,9 +4,10 @@
               [--baseline REV|release|none] [--template REV] [--no-matrix]
               [--only TEXT [--only TEXT ...]]
 
-HTTP load: the rendered services, references (a)-(d), the rendered asyncpg service on
-SQLAlchemy's stock pool, and the knobs, each paired with a run of the default service; then
-per-test isolation and template operations (skipped with --only).
+HTTP load: the rendered services, references (a)-(d+), the rendered asyncpg service on other
+pools and with SQLAlchemy's pre-ping, and the knobs, each paired with a run of the default
+service; then the in-process feature costs, per-test isolation and template operations
+(skipped with --only). See bench/README.md.
 
 Not part of the test suite: nothing here passes or fails on a figure.
 """
@@ -60,12 +61,14 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="Load cases (for --only): rendered asyncpg | psycopg | aiosqlite, rendered "
-        "asyncpg @<baseline>, (a) raw asyncpg, (b) sync SQLAlchemy + psycopg, (c) plain async "
-        "SQLAlchemy, (d) peer template session, rendered asyncpg, stock pool, and the knobs "
-        "'asyncpg, <setting>'. Example: bench/run --rounds 3 --baseline none --only '(b)' "
-        "--only '(c)' --only '(d)' --only 'stock pool'; --only features runs the in-process "
-        "feature costs alone",
+        epilog="Load cases (for --only, any part of a name): rendered asyncpg | psycopg | "
+        "aiosqlite, rendered asyncpg @<baseline>, (a) raw asyncpg, (b) sync SQLAlchemy + "
+        "psycopg, (c) plain async SQLAlchemy, (d) peer template session, (d+) equipped peer, "
+        "pool (ii) | (iii) | (iv) ..., SQLAlchemy pool_pre_ping, and the knobs 'asyncpg, "
+        "<setting>'. Words that select groups: references ((a)-(d+)), peers ((d), (d+)), "
+        "pools ((ii)-(iv)), pre-ping, knobs, baseline. Example: bench/run --rounds 3 "
+        "--baseline none --only peers --only pools --only pre-ping; --only features runs the "
+        "in-process feature costs alone",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=6, help="measured seconds per load run")
@@ -77,8 +80,9 @@ def main() -> None:
         "--only",
         action="append",
         metavar="TEXT",
-        help="run only the load cases whose name contains TEXT (repeat for several; the "
-        "default service runs anyway, paired with each) and skip the other benchmarks",
+        help="run only the load cases whose name contains TEXT, or the group TEXT names (see "
+        "below; repeat for several; the default service runs anyway, paired with each), and "
+        "skip the other benchmarks",
     )
     parser.add_argument(
         "--baseline",
@@ -105,9 +109,12 @@ def main() -> None:
         baseline = (args.baseline, args.baseline)
     admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
     started = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2)
     figures: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "bench/run " + " ".join(sys.argv[1:]),
+        # The template revision rendered for the current services ("HEAD": the working tree).
+        "template": args.template,
         "machine": machine(),
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -136,6 +143,8 @@ def main() -> None:
             print("\nTemplate operations:", flush=True)
             figures["template"] = template_ops.run(work / "template", matrix=not args.no_matrix)
     figures["wall_s"] = round(time.perf_counter() - started, 1)
+    # Other work on a shared machine moves every figure: its load before and after.
+    figures["load_average_1m"] = {"start": load_at_start, "end": round(os.getloadavg()[0], 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
@@ -163,12 +172,26 @@ def print_load(load: dict[str, Any]) -> None:
     if load["ratios"]:
         print("\n== Rendered service / reference, requests per second: median (min-max) of rounds")
         print(table(load["ratios"]))
+    if load["targets"]:
+        print(
+            "\n== Targets: rendered asyncpg (default) / the peer reference, each ratio against "
+            "the default run adjacent to the reference's: median (min-max) of rounds; rendered "
+            "and reference: the medians of the same runs"
+        )
+        print(table(load["targets"]))
     if load["pool"]:
         print(
-            "\n== SQLAlchemy's stock pool / the hand-over pool (rendered asyncpg with defaults), "
-            "and connections each opened in its measured run: median (min-max) of rounds"
+            "\n== Pools under the rendered asyncpg service: (i) as rendered (all its runs), the "
+            "others also as multiples of the adjacent default run; connections opened in the "
+            "measured run: median (min-max) of rounds"
         )
         print(table(load["pool"]))
+    if load["pre_ping"]:
+        print(
+            "\n== SQLAlchemy's pool_pre_ping instead of the service's checkout check / rendered "
+            "asyncpg with defaults: median (min-max) of rounds"
+        )
+        print(table(load["pre_ping"]))
     if load["knobs"]:
         print("\n== Knobs / rendered asyncpg with defaults: median (min-max) of rounds")
         print(table(load["knobs"]))

@@ -15,10 +15,21 @@ loaded by wrk over loopback: a warm-up, then the measured run. Cases:
 - reference (d), `bench/apps/peer_template.py`: what other FastAPI templates render, a `yield`
   session dependency on SQLAlchemy's stock pool (5 + 10, pre-ping on), asyncpg, the commit in
   the POST handler;
-- the rendered asyncpg service with SQLAlchemy's stock `AsyncAdaptedQueuePool` in place of the
-  template's hand-over pool (`bench/apps/rendered_stock_pool.py`, the rendered code unedited):
-  whether that pool earns its place;
+- reference (d+), `bench/apps/peer_equipped.py`: (d) with what its user adds for the rendered
+  service's request id and request metrics (asgi-correlation-id's middleware and
+  prometheus-fastapi-instrumentator with its defaults; both installed into the references'
+  environment, REFERENCE_EXTRAS);
+- the pool cases, the rendered asyncpg service unedited on other pools
+  (`bench/apps/rendered_pool.py`): (i) as rendered is the default service itself; (ii)
+  SQLAlchemy's `AsyncAdaptedQueuePool` at 15 + 0, so that it never closes a connection for
+  being beyond its size; (iii) the same pool at 5 + 10; (iv) the template's hand-over pool
+  from the bench's own copy (`bench/apps/handover_pool.py`) at 5 + 10;
+- the pre-ping case: the rendered asyncpg service with SQLAlchemy's `pool_pre_ping` (a round
+  trip on every checkout) in place of its own checkout check (DB_POOL_PRE_PING=false);
 - the rendered asyncpg service with one setting changed at a time (the knobs).
+
+Every rendered service runs as `uvicorn --factory <package>.main:create_app` (or the factory
+of `bench/apps/rendered_pool.py` around it); the reference apps as `module:app`.
 
 Besides requests per second and latency, each case reports the CPU time its service process
 spent per request (`cpu_us`): what the service's own code costs, whatever wrk and PostgreSQL
@@ -35,7 +46,11 @@ and at exit; so the counts are exact whenever the server's statistics lock was f
 (PostgreSQL 15 skips a flush rather than wait for it, and retries within seconds).
 
 The PostgreSQL cases share one database (created on the admin URL, migrated by the rendered
-project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory.
+project's Alembic, seeded, dropped afterwards); SQLite uses a file in the work directory. Only
+the projects that the selected cases run in are rendered.
+
+The targets table sets the rendered asyncpg service against (d) and (d+), each comparison
+within the round and against the default run adjacent to the reference's (see ratios).
 """
 
 from __future__ import annotations
@@ -71,6 +86,11 @@ SEED_ITEMS = 1000
 DRIVERS = ("asyncpg", "psycopg", "aiosqlite")
 # Every case runs with the same uvicorn options; access logging is left out of all of them.
 UVICORN_ARGS = ("--no-access-log",)
+# The rendered service's application factory (uvicorn --factory).
+RENDERED_FACTORY = "my_service.main:create_app"
+# What reference (d+) needs beyond the rendered asyncpg project's own dependencies, installed
+# into that project's environment, where the references on asyncpg run.
+REFERENCE_EXTRAS = ("prometheus-fastapi-instrumentator", "asgi-correlation-id")
 
 # wrk's Lua hooks: GET picks a random seeded item; POST sends a new name each time (the
 # column is unique). `done` prints the figures as one JSON line, in microseconds.
@@ -103,13 +123,20 @@ class Case:
     """One app under one configuration, loaded on one endpoint."""
 
     name: str
-    group: str  # "rendered", "reference" or "knob"
+    group: str  # "rendered", "baseline", "reference", "pool", "pre-ping" or "knob"
     driver: str  # whose rendered environment runs it
     endpoint: str  # "GET /items/{id}" or "POST /items"
-    app: str = "my_service.main:app"
+    # `module:factory` for uvicorn --factory, or `module:app` when `factory` is false.
+    app: str = RENDERED_FACTORY
+    factory: bool = True
     env: dict[str, str] = field(default_factory=dict)
     # The rendered project (and environment) it runs in, when not the driver's own.
     project: str | None = None
+    # Words that select the case with --only, besides any part of its name.
+    tags: tuple[str, ...] = ()
+
+    def selected_by(self, text: str) -> bool:
+        return text in self.tags or text in self.name
 
 
 @dataclass
@@ -173,6 +200,22 @@ def sessions_opened(admin_url: str, database: str) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def install_reference_extras(root: Path) -> None:
+    """Install REFERENCE_EXTRAS into the environment of the rendered project at `root`, which
+    the rendered service shares with the references; fails if that would change any package
+    already there, so the service runs on what its own `pyproject.toml` installed."""
+    python = root / ".venv" / "bin" / "python"
+    output = run(
+        ["uv", "pip", "install", "--python", str(python), *REFERENCE_EXTRAS], root, clean_env()
+    )
+    changed = [line.strip() for line in output.splitlines() if line.startswith(" - ")]
+    if changed:
+        raise RuntimeError(
+            f"installing {', '.join(REFERENCE_EXTRAS)} changed the rendered service's "
+            f"environment ({', '.join(changed)}): give the references an environment of their own"
+        )
+
+
 class Bench:
     """Renders the variants, prepares their databases and runs the cases."""
 
@@ -200,9 +243,12 @@ class Bench:
         self.template_ref = template_ref
         self.roots: dict[str, Path] = {}
 
-    def prepare(self) -> None:
-        projects = {driver: (driver, self.template_ref) for driver in DRIVERS}
-        if self.baseline is not None:
+    def prepare(self, cases: list[Case]) -> None:
+        """Render and install the projects `cases` run in (the asyncpg one always: the default
+        service's), and prepare their databases."""
+        needed = {"asyncpg", *(c.project or c.driver for c in cases)}
+        projects = {driver: (driver, self.template_ref) for driver in DRIVERS if driver in needed}
+        if self.baseline is not None and baseline_project(self.baseline[0]) in needed:
             label, revision = self.baseline
             projects[baseline_project(label)] = ("asyncpg", revision)
         for n, (project, (driver, revision)) in enumerate(projects.items()):
@@ -211,20 +257,22 @@ class Bench:
             )
             run(["uv", "sync", "--quiet", "--no-dev"], root, clean_env())
             self.roots[project] = root
+        install_reference_extras(self.roots["asyncpg"])
         create_database(self.admin_url, self.database)
         migrate(self.roots["asyncpg"], self.pg_url)
-        migrate(self.roots["aiosqlite"], self.url("aiosqlite"))
         with psycopg.connect(self.pg_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO items (name, price_cents) "
                 "SELECT 'seed-' || g, g FROM generate_series(1, %s) AS g",
                 (SEED_ITEMS,),
             )
-        with sqlite3.connect(self.sqlite_path) as conn:
-            conn.executemany(
-                "INSERT INTO items (name, price_cents) VALUES (?, ?)",
-                [(f"seed-{i}", i) for i in range(1, SEED_ITEMS + 1)],
-            )
+        if "aiosqlite" in self.roots:
+            migrate(self.roots["aiosqlite"], self.url("aiosqlite"))
+            with sqlite3.connect(self.sqlite_path) as conn:
+                conn.executemany(
+                    "INSERT INTO items (name, price_cents) VALUES (?, ?)",
+                    [(f"seed-{i}", i) for i in range(1, SEED_ITEMS + 1)],
+                )
 
     def cleanup(self) -> None:
         drop_database(self.admin_url, self.database)
@@ -239,7 +287,7 @@ class Bench:
         database_url = self.url(case.driver)
         env = {"DATABASE_URL": database_url}
         env.update({k: v.replace(DATABASE_URL_MARK, database_url) for k, v in case.env.items()})
-        if case.app != "my_service.main:app":
+        if not case.app.startswith("my_service."):
             env["PYTHONPATH"] = str(APPS_DIR)
         slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
         tag = f"{slug}-{uuid.uuid4().hex[:6]}"
@@ -251,9 +299,11 @@ class Bench:
         at_start = sessions_opened(self.admin_url, self.database) if is_pg else 0
         before = at_start
         peak: int | None = None
-        service = Service(
-            root, self.work / f"{tag}.log", app=case.app, uvicorn_args=UVICORN_ARGS, **env
-        )
+        uvicorn_args = ("--factory", *UVICORN_ARGS) if case.factory else UVICORN_ARGS
+        service = Service(root, self.work / f"{tag}.log", app=case.app, uvicorn_args=uvicorn_args)
+        # The environment after the fact: Service(**env) would let a key named like one of its
+        # other parameters through (and mypy rejects it for that).
+        service.env.update(env)
         service.start()
         try:
             path = "/items/1" if case.endpoint.startswith("GET") else "/items"
@@ -297,14 +347,25 @@ RAW = "(a) raw asyncpg"
 SYNC = "(b) sync SQLAlchemy + psycopg"
 PLAIN = "(c) plain async SQLAlchemy"
 PEER = "(d) peer template session"
-STOCK_POOL = "rendered asyncpg, stock pool"
+EQUIPPED = "(d+) equipped peer"
 # Reference columns of the ratios table, in order.
 REFERENCES = (
     ("vs_raw_asyncpg", RAW),
     ("vs_sync_sqlalchemy", SYNC),
     ("vs_plain_sqlalchemy", PLAIN),
     ("vs_peer_template", PEER),
+    ("vs_equipped_peer", EQUIPPED),
 )
+# The pool cases beside (i), the default service as rendered: name and BENCH_POOL_CASE.
+POOL_AS_RENDERED = "pool (i) as rendered"
+POOL_CASES = (
+    ("pool (ii) stock, 15 + 0", "stock-15-0"),
+    ("pool (iii) stock, 5 + 10", "stock-5-10"),
+    ("pool (iv) hand-over copy, 5 + 10", "handover-5-10"),
+)
+PRE_PING = "SQLAlchemy pool_pre_ping"
+# rendered_pool.py builds the rendered service through its factory, on another pool.
+RENDERED_POOL_APP = "rendered_pool:create_app"
 # A knob's environment may name the case's own database URL.
 DATABASE_URL_MARK = "$DATABASE_URL"
 
@@ -317,6 +378,8 @@ def cases(baseline: str | None = None) -> list[Case]:
     """Every case; `baseline` labels the earlier template version, if one is rendered."""
     endpoints = ("GET /items/{id}", "POST /items")
     found: list[Case] = []
+    references = ("references",)
+    peers = ("references", "peers")
     for endpoint in endpoints:
         for driver in DRIVERS:
             found.append(Case(f"rendered {driver}", "rendered", driver, endpoint))
@@ -328,13 +391,42 @@ def cases(baseline: str | None = None) -> list[Case]:
                     "asyncpg",
                     endpoint,
                     project=baseline_project(baseline),
+                    tags=("baseline",),
                 )
             )
-        found.append(Case(RAW, "reference", "asyncpg", endpoint, app="raw_asyncpg:app"))
-        found.append(Case(SYNC, "reference", "psycopg", endpoint, app="sync_sqlalchemy:app"))
-        found.append(Case(PLAIN, "reference", "asyncpg", endpoint, app="plain_sqlalchemy:app"))
-        found.append(Case(PEER, "reference", "asyncpg", endpoint, app="peer_template:app"))
-        found.append(Case(STOCK_POOL, "pool", "asyncpg", endpoint, app="rendered_stock_pool:app"))
+        for name, driver, app, tags in (
+            (RAW, "asyncpg", "raw_asyncpg:app", references),
+            (SYNC, "psycopg", "sync_sqlalchemy:app", references),
+            (PLAIN, "asyncpg", "plain_sqlalchemy:app", references),
+            (PEER, "asyncpg", "peer_template:app", peers),
+            (EQUIPPED, "asyncpg", "peer_equipped:app", peers),
+        ):
+            found.append(
+                Case(name, "reference", driver, endpoint, app=app, factory=False, tags=tags)
+            )
+        for name, pool_case in POOL_CASES:
+            found.append(
+                Case(
+                    name,
+                    "pool",
+                    "asyncpg",
+                    endpoint,
+                    app=RENDERED_POOL_APP,
+                    env={"BENCH_POOL_CASE": pool_case},
+                    tags=("pools",),
+                )
+            )
+        found.append(
+            Case(
+                PRE_PING,
+                "pre-ping",
+                "asyncpg",
+                endpoint,
+                app=RENDERED_POOL_APP,
+                env={"BENCH_POOL_CASE": "sqlalchemy-pre-ping", "DB_POOL_PRE_PING": "false"},
+                tags=("pre-ping",),
+            )
+        )
     knobs = {
         "pre_ping off": {"DB_POOL_PRE_PING": "false"},
         "statement timeout off": {"DB_STATEMENT_TIMEOUT": "0"},
@@ -345,9 +437,18 @@ def cases(baseline: str | None = None) -> list[Case]:
         "DATABASE_READ_URL set": {"DATABASE_READ_URL": DATABASE_URL_MARK},
     }
     for label, env in knobs.items():
-        found.append(Case(f"asyncpg, {label}", "knob", "asyncpg", endpoints[0], env=env))
+        found.append(
+            Case(f"asyncpg, {label}", "knob", "asyncpg", endpoints[0], env=env, tags=("knobs",))
+        )
     found.append(
-        Case("asyncpg, pool size 20", "knob", "asyncpg", endpoints[1], env=knobs["pool size 20"])
+        Case(
+            "asyncpg, pool size 20",
+            "knob",
+            "asyncpg",
+            endpoints[1],
+            env=knobs["pool size 20"],
+            tags=("knobs",),
+        )
     )
     return found
 
@@ -449,6 +550,104 @@ def against_default(rounds: list[Round], group: str) -> list[dict[str, Any]]:
     return rows
 
 
+def pool_table(rounds: list[Round], default_runs: dict[str, list[Result]]) -> list[dict[str, Any]]:
+    """The pool cases of each endpoint: (i), the default service as rendered (the median of all
+    its runs on the endpoint), then the others with their throughput and p99 latency as
+    multiples of the default run adjacent to each; connections opened in the measured run as
+    median (min-max) of rounds."""
+    rows: list[dict[str, Any]] = []
+    for endpoint, defaults in default_runs.items():
+        keys = [
+            k for k, (result, _) in rounds[0].items() if k[1] == endpoint and result.group == "pool"
+        ]
+        if not keys or not defaults:
+            continue
+        rendered = median_result(defaults)
+        rows.append(
+            {
+                "name": POOL_AS_RENDERED,
+                "endpoint": endpoint,
+                "rps": rendered.rps,
+                "p50_ms": rendered.p50_ms,
+                "p99_ms": rendered.p99_ms,
+                "connections_opened": count_spread([d.connections_opened or 0 for d in defaults]),
+                "rps_vs_rendered": None,
+                "p99_vs_rendered": None,
+            }
+        )
+        for key in keys:
+            result = median_result([r[key][0] for r in rounds])
+            rows.append(
+                {
+                    "name": key[0],
+                    "endpoint": endpoint,
+                    "rps": result.rps,
+                    "p50_ms": result.p50_ms,
+                    "p99_ms": result.p99_ms,
+                    "connections_opened": count_spread(
+                        [r[key][0].connections_opened or 0 for r in rounds]
+                    ),
+                    "rps_vs_rendered": spread([relative(r[key]) for r in rounds]),
+                    "p99_vs_rendered": spread([relative(r[key], "p99_ms") for r in rounds]),
+                }
+            )
+    return rows
+
+
+# The rendered asyncpg service's targets against the peers: (label, reference, figure, the
+# comparison the ratio rendered / reference must pass, the bound).
+TARGETS = (
+    ("req/s, rendered / (d+)", EQUIPPED, "rps", ">=", 1.20),
+    ("req/s, rendered / (d)", PEER, "rps", ">=", 1.00),
+    ("p99, rendered / (d+)", EQUIPPED, "p99_ms", "<=", 0.70),
+    ("connections opened, rendered / (d)", PEER, "connections_opened", "<=", 0.10),
+)
+
+
+def median_figure(values: list[float]) -> float | int:
+    """The median, rounded; whole numbers (connection counts) stay whole."""
+    median = round(statistics.median(values), 2)
+    return int(median) if median.is_integer() else median
+
+
+def targets(rounds: list[Round]) -> list[dict[str, Any]]:
+    """Each target on each endpoint where its reference ran: the ratio of the default run
+    adjacent to the reference's to the reference's own, median (min-max) of rounds, the two
+    figures themselves (medians of the same runs), and whether the median meets the target.
+    Rounds where the reference opened no connection have no connection ratio."""
+    rows = []
+    endpoints = dict.fromkeys(endpoint for _, endpoint in rounds[0])
+    for endpoint in endpoints:
+        for label, reference, figure, comparison, bound in TARGETS:
+            key = (reference, endpoint)
+            if key not in rounds[0]:
+                continue
+            pairs = [
+                (float(getattr(r[key][1], figure) or 0), float(getattr(r[key][0], figure) or 0))
+                for r in rounds
+            ]
+            values = [rendered / theirs for rendered, theirs in pairs if theirs > 0]
+            value = spread(values) if values else None
+            met = None
+            if value is not None:
+                median = value["median"]
+                met = (
+                    "yes" if (median >= bound if comparison == ">=" else median <= bound) else "no"
+                )
+            rows.append(
+                {
+                    "endpoint": endpoint,
+                    "figure": label,
+                    "target": f"{comparison} {bound:.2f}",
+                    "rendered": median_figure([p[0] for p in pairs]),
+                    "reference": median_figure([p[1] for p in pairs]),
+                    "ratio": value,
+                    "met": met,
+                }
+            )
+    return rows
+
+
 def run_all(
     work: Path,
     admin_url: str,
@@ -460,7 +659,8 @@ def run_all(
     baseline: tuple[str, str] | None = None,
     template_ref: str = "HEAD",
 ) -> dict[str, Any]:
-    """Every case (or those whose name contains one of `only`) `rounds` times, each round in
+    """Every case (or those that one of `only` selects: a part of the case's name or one of
+    its tags, see Case.selected_by) `rounds` times, each round in
     its own shuffled order, each case right after a run of the default service (rendered
     asyncpg, same endpoint), which therefore runs whatever the selection.
 
@@ -474,7 +674,7 @@ def run_all(
     label = baseline[0] if baseline is not None else None
     all_cases = cases(label)
     defaults = {c.endpoint: c for c in all_cases if c.name == DEFAULT}
-    selected = [c for c in all_cases if not only or any(text in c.name for text in only)]
+    selected = [c for c in all_cases if not only or any(c.selected_by(text) for text in only)]
     if not selected:
         raise SystemExit(f"no load case matches --only {only}")
     bench = Bench(work, admin_url, seconds, warmup, connections, baseline, template_ref)
@@ -483,7 +683,7 @@ def run_all(
         started = time.perf_counter()
         result = bench.measure(case)
         print(
-            f"  [{round_no}/{rounds}] {case.endpoint:16} {case.name:30} "
+            f"  [{round_no}/{rounds}] {case.endpoint:16} {case.name:34} "
             f"{result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms  "
             f"p99 {result.p99_ms:7.2f} ms  cpu {result.cpu_us:6.0f} us/req  "
             f"errors {result.errors}  ({time.perf_counter() - started:.0f} s)",
@@ -495,7 +695,7 @@ def run_all(
     default_runs: dict[str, list[Result]] = {endpoint: [] for endpoint in defaults}
     try:
         # Inside the try: a failed render or migration still drops the database.
-        bench.prepare()
+        bench.prepare(selected)
         for round_no in range(1, rounds + 1):
             order = [c for c in selected if c.name != DEFAULT]
             # Seeded: every run of the benchmark takes the cases in the same orders.
@@ -533,7 +733,9 @@ def run_all(
         "only": only,
         "results": [asdict(r) for r in results],
         "ratios": ratios(by_round),
-        "pool": against_default(by_round, "pool"),
+        "targets": targets(by_round),
+        "pool": pool_table(by_round, default_runs),
+        "pre_ping": against_default(by_round, "pre-ping"),
         "knobs": against_default(by_round, "knob"),
         "all_rounds": [
             [

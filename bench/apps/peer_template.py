@@ -38,28 +38,33 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
-app = FastAPI(lifespan=lifespan)
+
+def make_app() -> FastAPI:
+    """A new application with (d)'s routes: reference (d+) (`peer_equipped.py`) builds on it."""
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/items/{item_id}")
+    async def get_item(item_id: int, session: SessionDep) -> ItemRead:
+        item = await session.get(Item, item_id)
+        if item is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail="item not found")
+        return ItemRead.model_validate(item)
+
+    @app.post("/items", status_code=status.HTTP_201_CREATED)
+    async def create_item(body: ItemCreate, session: SessionDep) -> ItemRead:
+        item = Item(**body.model_dump())
+        session.add(item)
+        try:
+            await session.commit()
+        except IntegrityError:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail="name taken") from None
+        return ItemRead.model_validate(item)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
 
 
-@app.get("/items/{item_id}")
-async def get_item(item_id: int, session: SessionDep) -> ItemRead:
-    item = await session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="item not found")
-    return ItemRead.model_validate(item)
-
-
-@app.post("/items", status_code=status.HTTP_201_CREATED)
-async def create_item(body: ItemCreate, session: SessionDep) -> ItemRead:
-    item = Item(**body.model_dump())
-    session.add(item)
-    try:
-        await session.commit()
-    except IntegrityError:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="name taken") from None
-    return ItemRead.model_validate(item)
-
-
-@app.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+app = make_app()
