@@ -286,7 +286,7 @@ class Bench:
         root = self.roots[case.project or case.driver]
         database_url = self.url(case.driver)
         env = {"DATABASE_URL": database_url}
-        env.update({k: v.replace(DATABASE_URL_MARK, database_url) for k, v in case.env.items()})
+        env.update(case.env)
         if not case.app.startswith("my_service."):
             env["PYTHONPATH"] = str(APPS_DIR)
         slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
@@ -356,18 +356,20 @@ REFERENCES = (
     ("vs_peer_template", PEER),
     ("vs_equipped_peer", EQUIPPED),
 )
-# The pool cases beside (i), the default service as rendered: name and BENCH_POOL_CASE.
+# The pool cases beside (i), the default service as rendered (SQLAlchemy's pool, 15 + 0,
+# with sessions taking turns in the order they asked): name and BENCH_POOL_CASE. Each runs
+# with DB_POOL_SIZE=1000, so that the service's turns never make a session wait and the pool
+# the case sets up is all there is.
 POOL_AS_RENDERED = "pool (i) as rendered"
 POOL_CASES = (
-    ("pool (ii) stock, 15 + 0", "stock-15-0"),
-    ("pool (iii) stock, 5 + 10", "stock-5-10"),
-    ("pool (iv) hand-over copy, 5 + 10", "handover-5-10"),
+    ("pool (ii) stock, 15 + 0, no turns", "stock-15-0"),
+    ("pool (iii) stock, 5 + 10, no turns", "stock-5-10"),
+    ("pool (iv) hand-over copy, 5 + 10, no turns", "handover-5-10"),
 )
+NO_TURNS = {"DB_POOL_SIZE": "1000", "DB_MAX_OVERFLOW": "0"}
 PRE_PING = "SQLAlchemy pool_pre_ping"
 # rendered_pool.py builds the rendered service through its factory, on another pool.
 RENDERED_POOL_APP = "rendered_pool:create_app"
-# A knob's environment may name the case's own database URL.
-DATABASE_URL_MARK = "$DATABASE_URL"
 
 
 def baseline_project(label: str) -> str:
@@ -412,7 +414,7 @@ def cases(baseline: str | None = None) -> list[Case]:
                     "asyncpg",
                     endpoint,
                     app=RENDERED_POOL_APP,
-                    env={"BENCH_POOL_CASE": pool_case},
+                    env={"BENCH_POOL_CASE": pool_case, **NO_TURNS},
                     tags=("pools",),
                 )
             )
@@ -433,8 +435,6 @@ def cases(baseline: str | None = None) -> list[Case]:
         "slow-query log off": {"DB_SLOW_QUERY_MS": "0"},
         "echo on": {"DB_ECHO": "true"},
         "pool size 20": {"DB_POOL_SIZE": "20"},
-        # Reads get a pool of their own, read-only at the server, without BEGIN/COMMIT.
-        "DATABASE_READ_URL set": {"DATABASE_READ_URL": DATABASE_URL_MARK},
     }
     for label, env in knobs.items():
         found.append(

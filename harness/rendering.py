@@ -36,23 +36,30 @@ def answer_values(name: str) -> list[Any]:
 
 
 def variants() -> Iterator[dict[str, Any]]:
-    """driver x migrations x with_example, derived from copier.yml, and `metrics` on in half
-    of them: on where alembic and the example go together (both or neither), so that each
-    value of `metrics` meets every value of every other question (pairwise coverage)
-    without doubling the matrix."""
+    """driver x migrations x with_example, derived from copier.yml, with `metrics` and
+    `read_replica` (PostgreSQL only) on in half of them, chosen so that each of their values
+    meets every value of every other question (pairwise coverage) without doubling the
+    matrix: `metrics` where alembic and the example go together (both or neither),
+    `read_replica` where asyncpg and alembic do not (so the default answers are a variant)."""
     for combo in itertools.product(*(answer_values(q) for q in MATRIX_QUESTIONS)):
         data = dict(zip(MATRIX_QUESTIONS, combo, strict=True))
         data["metrics"] = (data["migrations"] == "alembic") == data["with_example"]
+        if data["db_driver"] != "aiosqlite":
+            alembic = data["migrations"] == "alembic"
+            data["read_replica"] = (data["db_driver"] == "asyncpg") != alembic
         yield data
 
 
 def variant_id(data: dict[str, Any]) -> str:
     example = "example" if data["with_example"] else "bare"
     metrics = "-metrics" if data.get("metrics", True) else ""
-    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}"
+    replica = "-replica" if data.get("read_replica", False) else ""
+    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}{replica}"
 
 
-def render(dst: Path, src: Path = REPO_ROOT, vcs_ref: str | None = "HEAD", **data: Any) -> Path:
+def render(
+    dst: Path, src: str | Path = REPO_ROOT, vcs_ref: str | None = "HEAD", **data: Any
+) -> Path:
     """Render the template with default answers except `data`; return the destination.
 
     `vcs_ref="HEAD"` renders the working tree, uncommitted changes included.

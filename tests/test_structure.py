@@ -9,107 +9,44 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 import yaml
 
+from extensions.context import DatabaseFacts
 from harness.rendering import REPO_ROOT, answer_values, questions, render, variant_id, variants
 
 VARIANTS = list(variants())
 PKG = "my_service"
-
-ALWAYS = [
-    ".copier-answers.yml",
-    ".env.example",
-    ".gitignore",
-    ".pre-commit-config.yaml",
-    ".dockerignore",
-    "Dockerfile",
-    ".github/workflows/ci.yml",
-    "README.md",
-    "docs/database/README.md",
-    "docs/database/configuration.md",
-    "docs/database/errors.md",
-    "docs/database/health.md",
-    "docs/database/naming.md",
-    "docs/database/observability.md",
-    "docs/database/performance.md",
-    "docs/database/pool.md",
-    "docs/database/sessions.md",
-    "docs/database/transactions.md",
-    "docs/database/troubleshooting.md",
-    "pyproject.toml",
-    f"src/{PKG}/__init__.py",
-    f"src/{PKG}/py.typed",
-    f"src/{PKG}/config.py",
-    f"src/{PKG}/logs.py",
-    f"src/{PKG}/urls.py",
-    f"src/{PKG}/main.py",
-    f"src/{PKG}/db/__init__.py",
-    f"src/{PKG}/db/base.py",
-    f"src/{PKG}/db/database.py",
-    f"src/{PKG}/db/driver.py",
-    f"src/{PKG}/db/engine.py",
-    f"src/{PKG}/db/errors.py",
-    f"src/{PKG}/db/listeners.py",
-    f"src/{PKG}/db/pool.py",
-    f"src/{PKG}/db/retry.py",
-    f"src/{PKG}/db/session.py",
-    f"src/{PKG}/db/startup.py",
-    f"src/{PKG}/api/__init__.py",
-    f"src/{PKG}/api/deps.py",
-    f"src/{PKG}/api/errors.py",
-    f"src/{PKG}/api/health.py",
-    f"src/{PKG}/models/__init__.py",
-    "tests/__init__.py",
-    "tests/conftest.py",
-    "tests/support.py",
-    "tests/test_database.py",
-    "tests/test_driver.py",
-    "tests/test_errors.py",
-    "tests/test_health.py",
-    "tests/test_listeners.py",
-    "tests/test_logs.py",
-    "tests/test_naming.py",
-    "tests/test_no_update_conflicts.py",
-    "tests/test_pool.py",
-    "tests/test_read_sessions.py",
-    "tests/test_retry.py",
-    "tests/test_session.py",
-    "tests/test_settings.py",
-    "tests/test_startup.py",
-]
-POSTGRES_ONLY = [
-    "docker-compose.yml",
-    "tests/test_statement_timeout.py",
-]
-SQLITE_ONLY = ["docs/database/sqlite.md"]
-ALEMBIC_ONLY = [
-    "alembic.ini",
-    "docs/database/migrations.md",
-    "migrations/env.py",
-    "migrations/script.py.mako",
-    "migrations/versions/.gitkeep",
-    "tests/test_migrations.py",
-]
-EXAMPLE_ONLY = [
-    f"src/{PKG}/models/item.py",
-    f"src/{PKG}/schemas.py",
-    f"src/{PKG}/api/items.py",
-    "tests/test_bad_input.py",
-    "tests/test_items.py",
-]
-PROTOTYPE_ONLY = ["docs/database/prototype.md", f"src/{PKG}/db/prototype.py"]
-POSTGRES_AND_ALEMBIC = [
-    "docs/database/roles.md",
-    "migrations/runtime_role.sql",
-    "tests/test_roles.py",
-]
-METRICS_ONLY = [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]
-ALEMBIC_AND_EXAMPLE = ["migrations/versions/20260101_0001_create_items.py"]
-# SQLite gives out the ids of deleted rows again without AUTOINCREMENT: 0002 adds it.
-ALEMBIC_AND_EXAMPLE_ON_SQLITE = ["migrations/versions/20261129_0002_items_autoincrement.py"]
-
+TEMPLATE = REPO_ROOT / "template"
 DRIVER_PACKAGES = {"asyncpg": "asyncpg", "psycopg": "psycopg[binary]", "aiosqlite": "aiosqlite"}
+
+
+def context(data: dict[str, Any]) -> dict[str, Any]:
+    """The context copier renders with: the defaults of copier.yml, `data`, and the facts
+    extensions/context.py derives from them."""
+    values = {name: q["default"] for name, q in questions().items()}
+    values |= {"project_name": "My Service", "package_name": PKG, "db_name": PKG, **data}
+    values["_copier_conf"] = {"answers_file": ".copier-answers.yml"}
+    DatabaseFacts(jinja2.Environment()).hook(values)
+    return values
+
+
+def expected_files(data: dict[str, Any]) -> set[str]:
+    """The files the template tree says this variant has: every file under template/, its
+    path rendered with the variant's context (a condition that is false renders an empty
+    name, and the file or folder is left out), without the .jinja suffix."""
+    env = jinja2.Environment()
+    values = context(data)
+    expected = set()
+    for path in TEMPLATE.rglob("*"):
+        if path.is_dir():
+            continue
+        parts = [env.from_string(part).render(values) for part in path.relative_to(TEMPLATE).parts]
+        parts[-1] = parts[-1].removesuffix(".jinja")
+        if all(parts):
+            expected.add("/".join(parts))
+    return expected
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=variant_id)
@@ -126,25 +63,35 @@ def files(root: Path) -> set[str]:
 
 def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None:
     data, root = rendered
-    is_postgres = data["db_driver"] != "aiosqlite"
-    alembic = data["migrations"] == "alembic"
-    example = data["with_example"]
-    expected = set(ALWAYS)
-    groups = [
-        (POSTGRES_ONLY, is_postgres),
-        (SQLITE_ONLY, not is_postgres),
-        (ALEMBIC_ONLY, alembic),
-        (PROTOTYPE_ONLY, not alembic),
-        (METRICS_ONLY, data["metrics"]),
-        (POSTGRES_AND_ALEMBIC, is_postgres and alembic),
-        (EXAMPLE_ONLY, example),
-        (ALEMBIC_AND_EXAMPLE, alembic and example),
-        (ALEMBIC_AND_EXAMPLE_ON_SQLITE, alembic and example and not is_postgres),
-    ]
-    for group, present in groups:
-        if present:
-            expected |= set(group)
-    assert files(root) == expected
+    assert files(root) == expected_files(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "present", "absent"),
+    [
+        (
+            {},
+            ["migrations/runtime_role.sql", f"src/{PKG}/models/item.py"],
+            [f"src/{PKG}/db/replica.py"],
+        ),
+        ({"read_replica": True}, [f"src/{PKG}/db/replica.py", "migrations/replica_role.sql"], []),
+        ({"db_driver": "aiosqlite", "read_replica": True}, [], [f"src/{PKG}/db/replica.py"]),
+        ({"metrics": False}, [], [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]),
+        (
+            {"migrations": "none"},
+            [f"src/{PKG}/db/prototype.py"],
+            ["alembic.ini", "migrations/env.py"],
+        ),
+        ({"with_example": False}, [], [f"src/{PKG}/schemas/item.py", f"src/{PKG}/api/items.py"]),
+    ],
+)
+def test_each_answer_adds_its_files(
+    tmp_path: Path, data: dict[str, Any], present: list[str], absent: list[str]
+) -> None:
+    """The derivation above, checked against files named by hand."""
+    rendered = files(render(tmp_path / "s", **data))
+    assert set(present) <= rendered
+    assert not set(absent) & rendered
 
 
 def test_no_jinja_left_over(rendered: tuple[dict[str, Any], Path]) -> None:
@@ -163,8 +110,10 @@ def test_answers_file_records_the_answers(rendered: tuple[dict[str, Any], Path])
         assert answers[name] == value
     assert answers["_src_path"] == str(REPO_ROOT)
     assert answers["_commit"]
+    values = context(data)
     for name, question in questions().items():
-        if name in {"db_statement_timeout", "db_pooler"} and data["db_driver"] == "aiosqlite":
+        asked = jinja2.Environment().from_string(str(question.get("when", "true")))
+        if asked.render(values).strip().lower() == "false":
             assert name not in answers
         elif name not in data:
             assert answers[name] == question["default"] or "{{" in str(question["default"])
@@ -290,18 +239,67 @@ def test_template_paths_have_no_double_quotes() -> None:
         assert '"' not in path.name, path
 
 
+MAX_MODULE_LINES = 150
+
+
 def test_rendered_code_is_small_and_untangled(rendered: tuple[dict[str, Any], Path]) -> None:
-    """db/ holds no web framework, nothing casts, app.state is not used, modules stay small."""
+    """db/ holds no web framework, nothing casts, app.state is not used, modules stay small,
+    and nothing happens at import: no module-level application."""
     _, root = rendered
     package = root / "src" / PKG
     for path in package.rglob("*.py"):
         text = path.read_text()
         name = path.relative_to(root)
-        assert len(text.splitlines()) <= 200, f"{name} has more than 200 lines"
+        assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{name} has more lines than allowed"
         assert "cast(" not in text, name
         assert "app.state" not in text, name
+        assert not re.search(r"^app = ", text, re.M), name
         if "db" in path.relative_to(package).parts:
             assert not re.search(r"^\s*(from|import) (fastapi|starlette)\b", text, re.M), name
+
+
+def lines(paths: list[Path]) -> int:
+    return sum(len(path.read_text().splitlines()) for path in paths)
+
+
+def test_the_default_service_stays_within_its_budget(tmp_path: Path) -> None:
+    """What the owner of a default service maintains: src/ at most 1,300 lines, db/ 550."""
+    package = render(tmp_path / "s") / "src" / PKG
+    assert lines(list(package.rglob("*.py"))) <= 1300
+    assert lines(list((package / "db").rglob("*.py"))) <= 550
+
+
+# Words that name a driver or database; a variant's tree speaks only of its own.
+DRIVER_WORDS = {
+    "asyncpg": r"asyncpg",
+    "psycopg": r"psycopg",
+    "aiosqlite": r"sqlite",
+    "postgres": r"postgres|pgbouncer|pg_\w+",
+}
+
+
+def foreign_words(data: dict[str, Any]) -> re.Pattern[str]:
+    """The words a variant must not use: the other drivers and the other database."""
+    own = {data["db_driver"], "postgres" if data["db_driver"] != "aiosqlite" else "aiosqlite"}
+    return re.compile("|".join(w for k, w in DRIVER_WORDS.items() if k not in own), re.I)
+
+
+def without_updating_section(readme: str) -> str:
+    """The README without its section on updating from the template (which names the
+    answers one can switch to)."""
+    return re.sub(r"^## Updating from the template\n.*?(?=^## |\Z)", "", readme, flags=re.M | re.S)
+
+
+def test_no_other_driver_or_database_is_mentioned(rendered: tuple[dict[str, Any], Path]) -> None:
+    data, root = rendered
+    foreign = foreign_words(data)
+    found = []
+    for name in sorted(files(root)):
+        text = (root / name).read_text()
+        if name == "README.md":
+            text = without_updating_section(text)
+        found += [f"{name}: {m.group(0)}" for m in foreign.finditer(text)]
+    assert found == []
 
 
 def test_jinja_stays_out_of_python_lines() -> None:
