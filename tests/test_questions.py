@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.rendering import REPO_ROOT, render
+from harness.rendering import REPO_ROOT, questions, render
 
 BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     # wrong type
@@ -23,6 +23,8 @@ BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     ({"db_pool_pre_ping": "maybe"}, r"question 'db_pool_pre_ping'.*true or false"),
     ({"db_echo": 3}, r"question 'db_echo'.*true or false"),
     ({"with_example": "sure"}, r"question 'with_example'.*true or false"),
+    ({"metrics": "yes please"}, r"question 'metrics'.*true or false"),
+    ({"read_replica": "one"}, r"question 'read_replica'.*true or false"),
     # out of range
     ({"db_pool_size": 0}, r"question 'db_pool_size'.*>= 1"),
     ({"db_max_overflow": -1}, r"question 'db_max_overflow'.*>= 0"),
@@ -57,6 +59,13 @@ def test_bad_answer_is_refused_and_nothing_is_written(
     with pytest.raises(ValueError, match=message):
         render(dst, **data)
     assert not dst.exists()
+
+
+def test_every_question_that_can_be_answered_wrong_has_a_bad_answer() -> None:
+    """Derived from copier.yml: each question with a validator or choices is in BAD_ANSWERS."""
+    checked = {name for data, _ in BAD_ANSWERS for name in data}
+    refusable = {n for n, q in questions().items() if "validator" in q or "choices" in q}
+    assert refusable - checked == set()
 
 
 def test_bad_answer_leaves_an_existing_destination_untouched(tmp_path: Path) -> None:
@@ -109,9 +118,9 @@ def test_package_and_db_names_derive_from_the_project_name(
     assert (dst / "src" / package_name / "main.py").is_file()
 
 
-def test_statement_timeout_and_pooler_are_not_asked_for_sqlite(tmp_path: Path) -> None:
+def test_postgresql_questions_are_not_asked_for_sqlite(tmp_path: Path) -> None:
     dst = render(tmp_path / "s", db_driver="aiosqlite")
     answers = yaml.safe_load((dst / ".copier-answers.yml").read_text())
-    assert "db_statement_timeout" not in answers
-    assert "db_pooler" not in answers
+    for name in ("db_statement_timeout", "db_pooler", "read_replica"):
+        assert name not in answers
     assert "STATEMENT_TIMEOUT" not in (dst / ".env.example").read_text()

@@ -140,16 +140,6 @@ def test_dependencies_are_exactly_what_the_variant_needs(
     assert project["tool"]["ruff"]["lint"]["select"]
 
 
-def test_env_example_lists_every_setting(rendered: tuple[dict[str, Any], Path]) -> None:
-    data, root = rendered
-    config = (root / "src" / PKG / "config.py").read_text()
-    fields = set(re.findall(r"^    (database_\w*url|db_\w+|log_\w+): ", config, re.M))
-    # Optional settings are listed commented out.
-    keys = set(re.findall(r"^(?:# )?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
-    assert {f.upper() for f in fields} <= keys
-    assert ("DB_STATEMENT_TIMEOUT" in keys) == (data["db_driver"] != "aiosqlite")
-
-
 def test_compose_has_a_healthy_postgres(rendered: tuple[dict[str, Any], Path]) -> None:
     data, root = rendered
     if data["db_driver"] == "aiosqlite":
