@@ -19,7 +19,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 # Settings a session may change, and the value it sets.
-CHANGES = {"default_transaction_read_only": "off", "application_name": "changed"}
+CHANGES = {
+    "default_transaction_read_only": "off",
+    "application_name": "changed",
+    "statement_timeout": "5min",
+}
 
 
 async def show(session: Any, setting: str) -> str:
