@@ -37,15 +37,25 @@ def git(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
+def releases() -> list[tuple[str, str]]:
+    """(version, commit) of every release in CHANGELOG.md, newest first. A release's commit
+    is the one that added its heading, so no tag is needed (a fresh clone may not have tags)."""
+    found = []
+    for match in RELEASE_HEADING.finditer((REPO_ROOT / "CHANGELOG.md").read_text()):
+        heading = match.group(0)
+        commits = git(REPO_ROOT, "log", "--format=%H", "-S", heading, "--", "CHANGELOG.md").split()
+        assert commits, f"no commit added {heading!r}; is this a shallow clone?"
+        found.append((match.group(1), commits[-1]))
+    assert found, "CHANGELOG.md has no released version (## X.Y.Z - YYYY-MM-DD)"
+    return found
+
+
 def previous_release() -> tuple[str, str]:
-    """(version, commit) of the newest release in CHANGELOG.md. The commit is the one that
-    added its heading, so no tag is needed (a fresh clone may not have tags)."""
-    match = RELEASE_HEADING.search((REPO_ROOT / "CHANGELOG.md").read_text())
-    assert match, "CHANGELOG.md has no released version (## X.Y.Z - YYYY-MM-DD)"
-    heading = match.group(0)
-    commits = git(REPO_ROOT, "log", "--format=%H", "-S", heading, "--", "CHANGELOG.md").split()
-    assert commits, f"no commit added {heading!r}; is this a shallow clone?"
-    return match.group(1), commits[-1]
+    """The newest release older than this working tree: the first in CHANGELOG.md while an
+    "## Unreleased" section is on top, otherwise (the working tree is a release) the next."""
+    unreleased = "\n## Unreleased\n" in (REPO_ROOT / "CHANGELOG.md").read_text()
+    found = releases()
+    return found[0] if unreleased else found[1]
 
 
 class TemplateRepo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from harness.updates import (
     copy_service,
     git,
     previous_release,
+    releases,
     tree,
     unmerged,
     update_service,
@@ -324,17 +326,21 @@ def test_switching_answers_equals_a_fresh_copy(
     run_own_tests(service, pg_admin_url)
 
 
-RELEASE_VARIANTS = [
-    {"db_driver": "asyncpg", "migrations": "alembic", "with_example": True},
-    {"db_driver": "psycopg", "migrations": "none", "with_example": False},
-    {"db_driver": "aiosqlite", "migrations": "alembic", "with_example": True},
+# Earlier releases a service may be updated from: the previous one (against three variants)
+# and the first (the default answers), both found in CHANGELOG.md.
+PREVIOUS, FIRST = previous_release(), releases()[-1]
+FROM_RELEASES = [
+    (PREVIOUS, {"db_driver": "asyncpg", "migrations": "alembic", "with_example": True}),
+    (PREVIOUS, {"db_driver": "psycopg", "migrations": "none", "with_example": False}),
+    (PREVIOUS, {"db_driver": "aiosqlite", "migrations": "alembic", "with_example": True}),
+    (FIRST, {"db_driver": "asyncpg", "migrations": "alembic", "with_example": True}),
 ]
 
 
 @dataclass
 class Releases:
-    """The newest release in CHANGELOG.md, tagged with its own version, and this working
-    tree, tagged as the next minor version: the `_migrations` between them run."""
+    """An earlier release, tagged with its own version, and this working tree, tagged as the
+    next minor version of the newest release: the `_migrations` between them run."""
 
     template: TemplateRepo
     old: str
@@ -347,26 +353,60 @@ def next_minor(version: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    version, commit = previous_release()
-    template = TemplateRepo(tmp_path_factory.mktemp("release") / "template")
-    template.load_commit(commit)
-    template.release(version)
-    template.load_working_tree()
-    template.release(next_minor(version))
-    return Releases(template, version, next_minor(version))
+def release_repo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, str]], Releases]:
+    """A template repository holding a given earlier release and this working tree, built once
+    per release for the module."""
+    built: dict[str, Releases] = {}
+
+    def get(release: tuple[str, str]) -> Releases:
+        version, commit = release
+        if version not in built:
+            template = TemplateRepo(tmp_path_factory.mktemp(f"release-{version}") / "template")
+            template.load_commit(commit)
+            template.release(version)
+            template.load_working_tree()
+            newest = next_minor(releases()[0][0])
+            template.release(newest)
+            built[version] = Releases(template, version, newest)
+        return built[version]
+
+    return get
+
+
+def recorded_answers(service: Path) -> dict[str, Any]:
+    """The service's answers, without copier's own entries."""
+    return {k: v for k, v in answers(service).items() if not k.startswith("_")}
+
+
+def release_id(value: object) -> str:
+    """A test id: the release's version, or the variant's."""
+    if isinstance(value, tuple):
+        return str(value[0])
+    assert isinstance(value, dict)
+    return variant_id(value)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", RELEASE_VARIANTS, ids=variant_id)
-def test_update_from_the_previous_release(
-    tmp_path: Path, releases: Releases, pg_admin_url: str, data: dict[str, Any]
+@pytest.mark.parametrize(("release", "data"), FROM_RELEASES, ids=release_id)
+def test_update_from_an_earlier_release(
+    tmp_path: Path,
+    release_repo: Callable[[tuple[str, str]], Releases],
+    pg_admin_url: str,
+    release: tuple[str, str],
+    data: dict[str, Any],
 ) -> None:
+    releases = release_repo(release)
     service = copy_service(releases.template.path, tmp_path / "service", releases.old, **data)
     update_service(service)
     assert answers(service)["_commit"] == releases.new
     assert unmerged(service) == []
-    fresh = render(tmp_path / "fresh", src=releases.template.path, vcs_ref=releases.new, **data)
+    # A fresh copy with the service's answers: answers keep the defaults they were given.
+    fresh = render(
+        tmp_path / "fresh",
+        src=releases.template.path,
+        vcs_ref=releases.new,
+        **recorded_answers(service),
+    )
     assert tree(service) == tree(fresh)
     run_own_tests(service, pg_admin_url)
 
@@ -374,17 +414,18 @@ def test_update_from_the_previous_release(
 MAIN_PY = f"src/{PKG}/main.py"
 SESSION_PY = f"src/{PKG}/db/session.py"
 OWNER_ROUTER = f"src/{PKG}/api/orders.py"
-OWNER_ROUTER_CODE = '''"""Orders: the owner's router, written against the previous release."""
+OWNER_ROUTER_CODE = '''"""Orders: the owner's router, written against an earlier release."""
 
 from fastapi import APIRouter
 
 from ..db import SessionDep
+from ..schemas import ItemRead
 
 router = APIRouter(prefix="/orders")
 
 
 @router.get("")
-async def list_orders(session: SessionDep) -> list[str]:
+async def list_orders(session: SessionDep) -> list[ItemRead]:
     return []
 '''
 # Lines of the owner's own in files the template rewrites.
@@ -392,12 +433,17 @@ OWNER_MAIN_LINE = "    app.include_router(orders.router)  # the owner's router\n
 OWNER_SESSION_LINE = '        session.info["tenant"] = "acme"  # the owner\'s edit\n'
 
 
-def test_update_from_the_previous_release_with_owner_edits_reports_conflicts(
-    tmp_path: Path, releases: Releases
+@pytest.mark.parametrize("release", sorted({PREVIOUS, FIRST}), ids=lambda r: r[0])
+def test_update_from_an_earlier_release_with_owner_edits_reports_conflicts(
+    tmp_path: Path,
+    release_repo: Callable[[tuple[str, str]], Releases],
+    release: tuple[str, str],
 ) -> None:
     """The owner edited main.py and db/session.py, which this release rewrites, and has a
-    router importing SessionDep from db/: the update must keep every owner line, leave
-    conflicts the guard reports where the two changes meet, and move the router's import."""
+    router importing SessionDep from db/ and ItemRead from schemas: the update must keep every
+    owner line, leave conflicts the guard reports where the two changes meet, and move the
+    router's imports."""
+    releases = release_repo(release)
     service = copy_service(releases.template.path, tmp_path / "service", releases.old)
     main = service / MAIN_PY
     text = main.read_text()
@@ -412,7 +458,7 @@ def test_update_from_the_previous_release_with_owner_edits_reports_conflicts(
     session = service / SESSION_PY
     text = session.read_text()
     anchor = "    async with session_scope(sessionmaker) as session:\n        yield session\n"
-    assert text.count(anchor) == 2, "the previous release's get_db and get_read_db"
+    assert anchor in text, "the earlier release's get_db"
     session.write_text(
         text.replace(
             anchor, anchor.replace("        yield", OWNER_SESSION_LINE + "        yield"), 1
@@ -433,7 +479,7 @@ def test_update_from_the_previous_release_with_owner_edits_reports_conflicts(
     assert result.returncode == 1, result.stdout
     assert MAIN_PY in result.stdout
     assert SESSION_PY in result.stdout
-    # The _migrations step moved the router's import; the rest of the file is as it was.
+    # The _migrations steps moved the router's imports; the rest of the file is as it was.
     assert (service / OWNER_ROUTER).read_text() == OWNER_ROUTER_CODE.replace(
         "from ..db import SessionDep", "from .deps import SessionDep"
-    )
+    ).replace("from ..schemas import ItemRead", "from ..schemas.item import ItemRead")
