@@ -232,10 +232,10 @@ def primary(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: 
 def requests_by_route(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
 ) -> Counter[tuple[str, str, str]]:
-    """http_requests_total by method, route and status."""
+    """The requests answered (the duration histogram's count) by method, route and status."""
     counts: Counter[tuple[str, str, str]] = Counter()
     for (name, labels), count in samples.items():
-        if name == "http_requests_total":
+        if name == "http_request_duration_seconds_count":
             label = dict(labels)
             counts[label["method"], label["route"], label["status"]] += int(count)
     return counts

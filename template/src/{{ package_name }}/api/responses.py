@@ -7,9 +7,7 @@ from typing import Any
 
 from ..schemas.common import ErrorMessage
 
-# Request bodies above this answer 413 before they are read into memory (FastAPI's
-# max_body_size, main.py). A proxy in front usually refuses them first (nginx's
-# client_max_body_size is 1 MB by default).
+# Bodies above this answer 413 before they are read (main.py); nginx in front refuses 1 MB.
 MAX_BODY_BYTES = 1024 * 1024
 
 Responses = dict[int | str, dict[str, Any]]
@@ -20,12 +18,11 @@ DATABASE_ERRORS: Responses = {
     503: {"model": ErrorMessage, "description": "Database busy or down", "headers": RETRY_AFTER},
     504: {"model": ErrorMessage, "description": "Database query too slow"},
 }
-# Routes that write: a unique or foreign-key constraint refused the change, or the
-# transaction lost to a concurrent one (with Retry-After).
+# Routes that write: a constraint refused the change, or a concurrent one won.
 CONFLICT: Responses = {409: {"model": ErrorMessage, "description": "Conflicts with other data"}}
 NOT_FOUND: Responses = {404: {"model": ErrorMessage, "description": "Not found"}}
-# Routes that read a body: not readable as JSON (too deeply nested, not UTF-8), or too large
-# (in text when its Content-Length announced too much: the body is never read then).
+# Routes that read a body: no JSON at all, or too large (in text when its Content-Length
+# said so, and the body was never read).
 BODY_ERRORS: Responses = {
     400: {"model": ErrorMessage, "description": "Body not readable as JSON"},
     413: {
