@@ -127,7 +127,13 @@ def test_dependencies_are_exactly_what_the_variant_needs(
     names = {
         re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["project"]["dependencies"]
     }
-    expected = {"fastapi", "uvicorn[standard]", "pydantic-settings", "sqlalchemy[asyncio]"}
+    expected = {
+        "fastapi",
+        "uvicorn[standard]",
+        "pydantic",
+        "pydantic-settings",
+        "sqlalchemy[asyncio]",
+    }
     expected |= {"asgi-correlation-id", "python-json-logger"}
     expected.add(DRIVER_PACKAGES[data["db_driver"]])
     if data["migrations"] == "alembic":

@@ -275,6 +275,7 @@ SWITCHES = [
     ({"migrations": "none"}, {"migrations": "alembic"}),
     ({"with_example": True}, {"with_example": False}),
     ({"db_pooler": "none"}, {"db_pooler": "pgbouncer"}),
+    ({"read_replica": False}, {"read_replica": True}),
 ]
 
 
