@@ -1,7 +1,4 @@
-"""Database layer: the Database object, the declarative base, engines and sessions.
-
-Nothing here depends on the web framework: scripts, workers and tests use it as it is.
-"""
+"""Database layer, without the web framework: scripts, workers and tests use it as it is."""
 
 from .base import Base
 from .database import Database
