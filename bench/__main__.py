@@ -6,8 +6,7 @@
 
 HTTP load: the rendered services, references (a)-(d+), the rendered asyncpg service on other
 pools and with SQLAlchemy's pre-ping, and the knobs, each paired with a run of the default
-service; then the in-process feature costs, per-test isolation and template operations
-(skipped with --only). See bench/README.md.
+service; then per-test isolation and template operations (skipped with --only). See bench/README.md.
 
 Not part of the test suite: nothing here passes or fails on a figure.
 """
@@ -26,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import feature_costs, fixture_overhead, service_load, template_ops
+from bench import fixture_overhead, service_load, template_ops
 from bench.report import table
 from harness.rendering import REPO_ROOT
 from harness.updates import previous_release
@@ -67,8 +66,7 @@ def main() -> None:
         "pool (ii) | (iii) | (iv) ..., SQLAlchemy pool_pre_ping, and the knobs 'asyncpg, "
         "<setting>'. Words that select groups: references ((a)-(d+)), peers ((d), (d+)), "
         "pools ((ii)-(iv)), pre-ping, knobs, baseline. Example: bench/run --rounds 3 "
-        "--baseline none --only peers --only pools --only pre-ping; --only features runs the "
-        "in-process feature costs alone",
+        "--baseline none --only peers --only pools --only pre-ping",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--seconds", type=int, default=6, help="measured seconds per load run")
@@ -119,24 +117,19 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        for part in ("load", "features", "fixtures", "template"):
+        for part in ("load", "fixtures", "template"):
             (work / part).mkdir()
-        load_only = [text for text in args.only or [] if text != "features"]
-        if args.only is None or load_only:
-            print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
-            figures["http"] = service_load.run_all(
-                work / "load",
-                admin_url,
-                args.seconds,
-                args.warmup,
-                rounds=args.rounds,
-                only=load_only or None,
-                baseline=baseline,
-                template_ref=args.template,
-            )
-        if args.only is None or "features" in args.only:
-            print("\nFeature costs (in-process, GET /items/{id}, CPU per request):", flush=True)
-            figures["features"] = feature_costs.run_all(work / "features", admin_url)
+        print("HTTP load (wrk, 1 uvicorn worker, concurrency 64):", flush=True)
+        figures["http"] = service_load.run_all(
+            work / "load",
+            admin_url,
+            args.seconds,
+            args.warmup,
+            rounds=args.rounds,
+            only=args.only,
+            baseline=baseline,
+            template_ref=args.template,
+        )
         if args.only is None:
             print("\nPer-test isolation overhead:", flush=True)
             figures["fixtures"] = fixture_overhead.run(work / "fixtures", n_tests=args.tests)
@@ -150,9 +143,6 @@ def main() -> None:
 
     if "http" in figures:
         print_load(figures["http"])
-    if "features" in figures:
-        print("\n== Feature costs: CPU per in-process GET /items/{id}, median of rounds")
-        print(table(figures["features"]))
     if "fixtures" in figures:
         print("\n== Per-test isolation overhead")
         print(table(figures["fixtures"]))

@@ -15,14 +15,16 @@ from harness.rendering import clean_env, render
 from harness.services import run, scratch_database, with_database
 
 REPLICAS = 3
+# The rendered service's newest revision, which the revisions below follow.
+HEAD = "0003"
 # A slow revision, so that the replicas' runs overlap: without the advisory lock, the others
 # read the version table while the first one is still migrating, and run the same revisions.
-SLOW = '''"""Take a while."""
+SLOW = f'''"""Take a while."""
 
 from alembic import op
 
 revision = "0098"
-down_revision = "0001"
+down_revision = "{HEAD}"
 branch_labels = None
 depends_on = None
 
@@ -35,13 +37,13 @@ def downgrade() -> None:
     pass
 '''
 # A revision that needs the items table to itself (ACCESS EXCLUSIVE), as most ALTERs do.
-ALTER_ITEMS = '''"""Add a column to items."""
+ALTER_ITEMS = f'''"""Add a column to items."""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0099"
-down_revision = "0001"
+down_revision = "{HEAD}"
 branch_labels = None
 depends_on = None
 
@@ -90,8 +92,8 @@ def test_replicas_migrating_at_once_apply_each_revision_once(service: Path, data
         slow.unlink()
     assert [process.returncode for process in processes] == [0] * REPLICAS, outputs
     # Exactly one replica ran each revision; the others waited and found nothing to do.
-    for step in ("Running upgrade  -> 0001", "Running upgrade 0001 -> 0098"):
-        assert sum(output.count(step) for output in outputs) == 1, outputs
+    for step in (" -> 0001", f"0001 -> {HEAD}", f"{HEAD} -> 0098"):
+        assert sum(output.count(f"Running upgrade {step}") for output in outputs) == 1, outputs
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0098",)]
 
@@ -119,7 +121,7 @@ def test_a_migration_blocked_by_a_busy_table_fails_after_the_lock_timeout(
         # Failed after the lock timeout, not after an import-and-connect's worth of time less.
         assert 1.0 <= elapsed < 15, elapsed
         with psycopg.connect(database) as conn:
-            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
         # Once the table is free the same migration goes through.
         assert alembic(service, database, "upgrade", "head").wait(timeout=120) == 0
     finally:
