@@ -259,10 +259,10 @@ def lines(paths: list[Path]) -> int:
 
 
 def test_the_default_service_stays_within_its_budget(tmp_path: Path) -> None:
-    """What the owner of a default service maintains: src/ at most 1,400 lines (1,799 before
-    0.3.0), db/ 550."""
+    """What the owner of a default service maintains: src/ at most 1,370 lines (1,799 before
+    0.3.0, 1,400 in 0.3.0), db/ 550."""
     package = render(tmp_path / "s") / "src" / PKG
-    assert lines(list(package.rglob("*.py"))) <= 1400
+    assert lines(list(package.rglob("*.py"))) <= 1370
     assert lines(list((package / "db").rglob("*.py"))) <= 550
 
 
