@@ -6,6 +6,7 @@ this repository's tags.
 
 from __future__ import annotations
 
+import difflib
 import re
 import subprocess
 import sys
@@ -434,7 +435,11 @@ OWNER_MAIN_LINE = "    app.include_router(orders.router)  # the owner's router\n
 OWNER_SESSION_LINE = '        session.info["tenant"] = "acme"  # the owner\'s edit\n'
 
 
-@pytest.mark.parametrize("release", sorted({PREVIOUS, FIRST}), ids=lambda r: r[0])
+# Releases from before 0.3.0, whose services import the names that 0.3.0 moved.
+BEFORE_THE_MOVES = [r for r in releases() if tuple(map(int, r[0].split("."))) < (0, 3, 0)]
+
+
+@pytest.mark.parametrize("release", BEFORE_THE_MOVES, ids=lambda r: r[0])
 def test_update_from_an_earlier_release_with_owner_edits_reports_conflicts(
     tmp_path: Path,
     release_repo: Callable[[tuple[str, str]], Releases],
@@ -484,3 +489,59 @@ def test_update_from_an_earlier_release_with_owner_edits_reports_conflicts(
     assert (service / OWNER_ROUTER).read_text() == OWNER_ROUTER_CODE.replace(
         "from ..db import SessionDep", "from .deps import SessionDep"
     ).replace("from ..schemas import ItemRead", "from ..schemas.item import ItemRead")
+
+
+OWNER_MARK = "  # the owner's edit"
+
+
+def first_changed_line(old: str, new: str) -> int:
+    """The index of the first line of `old` that the template changed or removed, or that
+    its new lines follow (git takes edits to that line and beside it for a conflict)."""
+    lines = old.splitlines()
+    for tag, i1, _, _, _ in difflib.SequenceMatcher(None, lines, new.splitlines()).get_opcodes():
+        if tag != "equal":
+            return min(i1, len(lines) - 1)
+    raise AssertionError("the files do not differ")
+
+
+def test_update_from_the_previous_release_with_owner_edits(
+    tmp_path: Path, release_repo: Callable[[tuple[str, str]], Releases]
+) -> None:
+    """The owner edited, in every Python file this working tree changes since the previous
+    release, a line the template changed; and added a line to a file it did not change. The
+    update keeps both, and each clash is a conflict the guard reports."""
+    releases = release_repo(PREVIOUS)
+    service = copy_service(releases.template.path, tmp_path / "service", releases.old)
+    fresh = render(
+        tmp_path / "fresh",
+        src=releases.template.path,
+        vcs_ref=releases.new,
+        **recorded_answers(service),
+    )
+    old, new = tree(service), tree(fresh)
+    python = sorted(name for name in old.keys() & new.keys() if name.endswith(".py"))
+    changed = [name for name in python if old[name] != new[name]]
+    unchanged = next(name for name in python if old[name] == new[name])
+    edited: dict[str, str] = {}
+    for name in changed:
+        lines = old[name].decode().splitlines(keepends=True)
+        index = first_changed_line(old[name].decode(), new[name].decode())
+        lines[index] = lines[index].rstrip("\n") + OWNER_MARK + "\n"
+        edited[name] = lines[index]
+        (service / name).write_text("".join(lines))
+    with (service / unchanged).open("a") as file:
+        file.write(f"#{OWNER_MARK}\n")
+    commit_all(service, "the owner's edits")
+
+    update_service(service)
+
+    assert answers(service)["_commit"] == releases.new
+    assert (service / unchanged).read_text() == old[unchanged].decode() + f"#{OWNER_MARK}\n"
+    assert unmerged(service) == changed
+    for name, line in edited.items():
+        text = (service / name).read_text()
+        assert line in text, f"the owner's line in {name} was lost"
+        assert "<<<<<<< before updating" in text
+    result = guard(service)
+    assert result.returncode == (1 if changed else 0), result.stdout
+    assert all(name in result.stdout for name in changed)
