@@ -9,7 +9,8 @@ renames a question or moves a file. copier runs them inside the service being up
     move-imports OLD NEW NAME...
                             stage "after": in the service's Python files, imports of NAME
                             from module OLD (absolute or relative) come from module NEW.
-                            For names that moved to another module.
+                            For names that moved to another module; the block
+                            of imports is left sorted as ruff sorts it.
 
 Uses only the standard library: it runs with the Python that runs copier.
 """
@@ -91,8 +92,62 @@ def spell(target: str, module: str, is_package: bool, relative: bool) -> str:
     return "." * (len(here) - common + 1) + ".".join(there[common:])
 
 
+def render_import(spec: str, aliases: list[str], indent: str) -> str:
+    """`from spec import aliases` as ruff formats it: one line, or one name a line."""
+    line = f"{indent}from {spec} import {', '.join(aliases)}\n"
+    if len(line) <= MAX_LINE:
+        return line
+    body = "".join(f"{indent}    {name},\n" for name in aliases)
+    return f"{indent}from {spec} import (\n{body}{indent})\n"
+
+
+def member_key(alias: str) -> tuple[int, str, str]:
+    """ruff's order of imported names: CONSTANTS, then Classes, then the rest."""
+    name = alias.split(" as ")[0]
+    kind = 0 if name.isupper() and len(name) > 1 else 1 if name[:1].isupper() else 2
+    return kind, name.lower(), alias
+
+
+def statement_key(node: ast.stmt) -> tuple[int, int, str, str, str]:
+    """ruff's order of the import statements of one section: `import x` before `from x`,
+    relative ones furthest first, then by module name, then by the first name."""
+    if isinstance(node, ast.Import):
+        return 0, 0, node.names[0].name.lower(), node.names[0].name, ""
+    assert isinstance(node, ast.ImportFrom)
+    first = min((ast.unparse(alias) for alias in node.names), key=member_key)
+    module = node.module or ""
+    return 1, -node.level, module.lower(), module, member_key(first)[1]
+
+
+def dotted(node: ast.ImportFrom) -> str:
+    return "." * node.level + (node.module or "")
+
+
+def import_block(body: list[ast.stmt], index: int, lines: list[str]) -> list[ast.stmt]:
+    """body[index] and the module-level imports on the lines next to it, with no comment
+    among them: one section, as ruff separates sections by a blank line."""
+
+    def joined(a: ast.stmt, b: ast.stmt) -> bool:
+        imports = (ast.Import, ast.ImportFrom)
+        return (
+            isinstance(a, imports)
+            and isinstance(b, imports)
+            and a.end_lineno == b.lineno - 1
+            and "#" not in "".join(lines[a.lineno - 1 : b.end_lineno])
+        )
+
+    start = end = index
+    while start > 0 and joined(body[start - 1], body[start]):
+        start -= 1
+    while end + 1 < len(body) and joined(body[end], body[end + 1]):
+        end += 1
+    return body[start : end + 1]
+
+
 def rewrite_imports(path: Path, old: str, new: str, names: set[str]) -> bool:
-    """Move imports of `names` from `old` to `new` in one file; True if it changed."""
+    """Move imports of `names` from `old` to `new` in one file; True if it changed. The
+    names join an import of `new` already in the same block, and the block is left in the
+    order ruff sorts it in."""
     source = path.read_text()
     try:
         tree = ast.parse(source)
@@ -100,29 +155,60 @@ def rewrite_imports(path: Path, old: str, new: str, names: set[str]) -> bool:
         return False
     module, is_package = module_of(path), path.name == "__init__.py"
     lines = source.splitlines(keepends=True)
+
+    def moves(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.ImportFrom)
+            and resolve(node, module, is_package) == old
+            and any(alias.name in names for alias in node.names)
+        )
+
+    blocks: list[list[ast.stmt]] = []
+    for index, node in enumerate(tree.body):
+        if moves(node) and not any(node in block for block in blocks):
+            blocks.append(import_block(tree.body, index, lines))
+    # Imports inside functions or classes: a block of their own.
+    blocks += [
+        [node]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and moves(node) and node not in tree.body
+    ]
+
     edits = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.ImportFrom) or resolve(node, module, is_package) != old:
-            continue
-        moved = [alias for alias in node.names if alias.name in names]
-        if not moved or node.end_lineno is None:
-            continue
-        kept = [alias for alias in node.names if alias.name not in names]
-        indent = lines[node.lineno - 1][: node.col_offset]
-        here = "." * node.level + (node.module or "")
-
-        def statement(spec: str, aliases: list[ast.alias], indent: str = indent) -> str:
-            listed = [ast.unparse(alias) for alias in aliases]
-            line = f"{indent}from {spec} import {', '.join(listed)}\n"
-            if len(line) <= MAX_LINE:
-                return line
-            body = "".join(f"{indent}    {name},\n" for name in listed)
-            return f"{indent}from {spec} import (\n{body}{indent})\n"
-
-        text = statement(spell(new, module, is_package, node.level > 0), moved)
-        if kept:
-            text = statement(here, kept) + text
-        edits.append((node.lineno - 1, node.end_lineno, text))
+    for block in blocks:
+        indent = lines[block[0].lineno - 1][: block[0].col_offset]
+        moved: list[str] = []
+        relative = False
+        joined: ast.ImportFrom | None = None
+        out: list[tuple[tuple[int, int, str, str, str], str]] = []
+        for node in block:
+            text = "".join(lines[node.lineno - 1 : node.end_lineno])
+            if isinstance(node, ast.ImportFrom) and moves(node):
+                relative = relative or node.level > 0
+                moved += [ast.unparse(alias) for alias in node.names if alias.name in names]
+                node.names = [alias for alias in node.names if alias.name not in names]
+                if not node.names:
+                    continue
+                text = render_import(dotted(node), [ast.unparse(a) for a in node.names], indent)
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and joined is None
+                and resolve(node, module, is_package) == new
+            ):
+                joined = node
+                continue
+            out.append((statement_key(node), text))
+        if joined is not None:
+            moved += [ast.unparse(alias) for alias in joined.names]
+            spec = dotted(joined)
+        else:
+            spec = spell(new, module, is_package, relative)
+        aliases = sorted(dict.fromkeys(moved), key=member_key)
+        statement = ast.parse(f"from {spec} import {', '.join(aliases)}").body[0]
+        out.append((statement_key(statement), render_import(spec, aliases, indent)))
+        out.sort(key=lambda item: item[0])
+        end = block[-1].end_lineno or block[-1].lineno
+        edits.append((block[0].lineno - 1, end, "".join(text for _, text in out)))
     for start, end, text in sorted(edits, reverse=True):
         lines[start:end] = [text]
     if edits:

@@ -485,10 +485,15 @@ def test_update_from_an_earlier_release_with_owner_edits_reports_conflicts(
     assert result.returncode == 1, result.stdout
     assert MAIN_PY in result.stdout
     assert SESSION_PY in result.stdout
-    # The _migrations steps moved the router's imports; the rest of the file is as it was.
+    # The _migrations steps moved the router's imports, sorted as ruff sorts them; the rest
+    # of the file is as it was.
     assert (service / OWNER_ROUTER).read_text() == OWNER_ROUTER_CODE.replace(
-        "from ..db import SessionDep", "from .deps import SessionDep"
-    ).replace("from ..schemas import ItemRead", "from ..schemas.item import ItemRead")
+        "from ..db import SessionDep\nfrom ..schemas import ItemRead\n",
+        "from ..schemas.item import ItemRead\nfrom .deps import SessionDep\n",
+    )
+    ruff = [sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "I", OWNER_ROUTER]
+    result = subprocess.run(ruff, cwd=service, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
 
 
 OWNER_MARK = "  # the owner's edit"
