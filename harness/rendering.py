@@ -12,6 +12,8 @@ from typing import Any
 import copier
 import yaml
 
+from extensions.context import DRIVERS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COPIER_YML = REPO_ROOT / "copier.yml"
 
@@ -33,6 +35,11 @@ def answer_values(name: str) -> list[Any]:
     if isinstance(question["default"], bool):
         return [True, False]
     raise ValueError(f"{name} has no finite set of answers")
+
+
+def postgres_drivers() -> list[str]:
+    """The db_driver answers that mean PostgreSQL, as extensions/context.py tells them."""
+    return [driver for driver in answer_values("db_driver") if DRIVERS[driver]["is_postgres"]]
 
 
 def variants() -> Iterator[dict[str, Any]]:

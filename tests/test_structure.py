@@ -14,7 +14,15 @@ import pytest
 import yaml
 
 from extensions.context import DatabaseFacts
-from harness.rendering import REPO_ROOT, answer_values, questions, render, variant_id, variants
+from harness.rendering import (
+    REPO_ROOT,
+    answer_values,
+    postgres_drivers,
+    questions,
+    render,
+    variant_id,
+    variants,
+)
 
 VARIANTS = list(variants())
 PKG = "my_service"
@@ -159,7 +167,7 @@ def test_compose_has_a_healthy_postgres(rendered: tuple[dict[str, Any], Path]) -
 
 
 @pytest.mark.parametrize("migrations", answer_values("migrations"))
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", postgres_drivers())
 def test_compose_with_pgbouncer(tmp_path: Path, driver: str, migrations: str) -> None:
     data = {"db_driver": driver, "migrations": migrations, "db_pooler": "pgbouncer"}
     check_compose_services(render(tmp_path / "s", **data), data)
@@ -316,7 +324,7 @@ def test_jinja_stays_out_of_python_lines() -> None:
             assert not re.search(r"\{\{[^}]*\b(if|else)\b", line), f"{path}:{number}"
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", postgres_drivers())
 def test_pgbouncer_mode_renders_what_a_pooler_needs(tmp_path: Path, driver: str) -> None:
     root = render(tmp_path / "s", db_driver=driver, db_pooler="pgbouncer")
     db = root / "src" / PKG / "db"
