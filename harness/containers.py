@@ -164,15 +164,18 @@ def remove_image(tag: str) -> None:
     with contextlib.suppress(ContainerError):
         podman("rmi", "--force", tag, check=False, timeout=120)
         # A few tries: a removal that runs beside another one can fail on a shared layer.
-        for _ in range(REMOVE_ATTEMPTS):
+        for attempt in range(REMOVE_ATTEMPTS + 1):
             label = f"label={BUILD_LABEL}={tag}"
             listed = podman("images", "--all", "--quiet", "--filter", label)
             ids = list(dict.fromkeys(listed.stdout.split()))
             if not ids:
                 return
+            if attempt == REMOVE_ATTEMPTS:
+                break
+            if attempt > 0:
+                time.sleep(1)  # the other removal is still under way
             result = podman("rmi", "--force", *ids, check=False, timeout=120)
             error = result.stderr
-            time.sleep(1)
     warnings.warn(f"images of {tag} were left behind: {error[-1000:]}", stacklevel=2)
 
 
@@ -220,12 +223,14 @@ def run_once(
     image: str,
     *command: str,
     env: Mapping[str, str] | None = None,
+    volumes: Mapping[str, str] | None = None,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """`podman run --rm` on the host's network; the completed process, whatever its exit."""
+    """`podman run --rm` on the host's network (`volumes`: volume name -> path in the
+    container); the completed process, whatever its exit."""
     return podman(
-        "run", "--rm", "--network", "host", *_env_args(env), image, *command,
-        timeout=timeout, check=False,
+        "run", "--rm", "--network", "host", *_env_args(env), *_volume_args(volumes), image,
+        *command, timeout=timeout, check=False,
     )  # fmt: skip
 
 
@@ -233,24 +238,50 @@ def _env_args(env: Mapping[str, str] | None) -> list[str]:
     return [arg for name, value in (env or {}).items() for arg in ("--env", f"{name}={value}")]
 
 
+def _volume_args(volumes: Mapping[str, str] | None) -> list[str]:
+    return [arg for name, path in (volumes or {}).items() for arg in ("--volume", f"{name}:{path}")]
+
+
+@contextlib.contextmanager
+def volume() -> Iterator[str]:
+    """A new named volume, removed afterwards: yields its name. Mounted on a directory of
+    an image for the first time, it starts with that directory's files and owner."""
+    name = f"template-suite-{uuid.uuid4().hex[:12]}"
+    podman("volume", "create", name)
+    try:
+        yield name
+    finally:
+        podman("volume", "rm", "--force", name, check=False)
+
+
 class Container:
     """A detached container on the host's network, removed on exit from the `with` block."""
 
     def __init__(
-        self, image: str, *command: str, env: Mapping[str, str] | None = None, name: str = ""
+        self,
+        image: str,
+        *command: str,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        name: str = "",
     ) -> None:
         self.image = image
         self.command = command
         self.env = dict(env or {})
+        self.volumes = dict(volumes or {})  # volume name -> path in the container
         self.name = name or f"template-suite-{uuid.uuid4().hex[:12]}"
         self.started = False
 
     def start(self) -> Container:
         self.started = True  # a failed `run` may still leave a container to remove
-        podman(
-            "run", "--detach", "--name", self.name, "--network", "host",
-            *_env_args(self.env), self.image, *self.command,
-        )  # fmt: skip
+        try:
+            podman(
+                "run", "--detach", "--name", self.name, "--network", "host",
+                *_env_args(self.env), *_volume_args(self.volumes), self.image, *self.command,
+            )  # fmt: skip
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def state(self) -> dict[str, Any]:
@@ -269,6 +300,12 @@ class Container:
 
     def kill(self, signal: str = "TERM") -> None:
         podman("kill", "--signal", signal, self.name)
+
+    def stop(self, timeout: float) -> int:
+        """`podman stop`, as `docker stop` does: SIGTERM, and SIGKILL after `timeout` seconds;
+        the exit code, once the container has stopped."""
+        podman("stop", "--time", str(int(timeout)), self.name, timeout=timeout + PODMAN_TIMEOUT)
+        return self.wait(PODMAN_TIMEOUT)
 
     def wait(self, timeout: float) -> int:
         """The exit code, once the container has stopped; ContainerError after `timeout`."""

@@ -10,9 +10,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 from urllib.parse import quote, urlsplit
+
+from .system import require_program
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # WAL senders (and replication slots) of a cluster made with `replication=True`.
@@ -54,6 +57,75 @@ def find_bindir() -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: a certificate authority of its own, and a server certificate it signed for
+    127.0.0.1 and localhost, with its key."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+
+
+# A CA certificate: may sign certificates, nothing else.
+CA_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = ca
+[dn]
+CN = {name}
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+"""
+# A server certificate for the loopback address, as verify-full checks it.
+SERVER_EXTENSIONS = """\
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+CERTIFICATE_DAYS = "2"
+
+
+def make_tls_files(directory: Path, name: str = "template suite test CA") -> TlsFiles:
+    """A new CA named `name` and a server certificate it signed, in `directory` (made if
+    missing), with OpenSSL from Debian's packages; EC P-256 keys, valid for two days."""
+    openssl = require_program("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    (directory / "ca.cnf").write_text(CA_CONFIG.format(name=name))
+    (directory / "server.ext").write_text(SERVER_EXTENSIONS)
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for command in (
+        [
+            *("req", "-x509", "-new", *new_key, "-keyout", "ca.key", "-out", files.ca.name),
+            *("-days", CERTIFICATE_DAYS, "-config", "ca.cnf"),
+        ],
+        [
+            *("req", "-new", *new_key, "-keyout", files.key.name, "-out", "server.csr"),
+            *("-subj", "/CN=127.0.0.1"),
+        ],
+        [
+            *("x509", "-req", "-in", "server.csr", "-CA", files.ca.name, "-CAkey", "ca.key"),
+            *("-CAcreateserial", "-out", files.certificate.name, "-days", CERTIFICATE_DAYS),
+            *("-extfile", "server.ext"),
+        ],
+    ):
+        result = subprocess.run(
+            [openssl, *command], cwd=directory, capture_output=True, text=True, timeout=60
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"openssl {' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}"
+            )
+    return files
+
+
 class AsUser(TypedDict, total=False):
     """subprocess's arguments that make the child switch to another user before it executes
     the program (empty: run as ourselves)."""
@@ -78,7 +150,8 @@ class ThrowawayCluster:
     it on where what is tested is that committed data survives a crash. `replication`: the
     server also accepts streaming replication from loopback (wal_level=replica, WAL
     senders, a `replication` line in pg_hba.conf with the same authentication), so that a
-    standby can be made from it (harness.replication)."""
+    standby can be made from it (harness.replication). `tls`: the server also accepts TLS
+    connections with that certificate (ssl=on); without it, ssl=off."""
 
     # Of the temporary directory's name: what kind of cluster it holds.
     kind = "throwaway"
@@ -90,11 +163,13 @@ class ThrowawayCluster:
         fsync: bool = False,
         password: str | None = None,
         replication: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.bindir = bindir
         self.fsync = fsync
         self.password = password
         self.replication = replication
+        self.tls = tls
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix=f"pg-{self.kind}-", dir="/tmp"))
         self.data = self.root / "data"
@@ -127,6 +202,11 @@ class ThrowawayCluster:
         if self.replication:
             options += f" -c wal_level=replica -c max_wal_senders={MAX_WAL_SENDERS}"
             options += f" -c max_replication_slots={MAX_WAL_SENDERS}"
+        if self.tls is not None:
+            options += f" -c ssl=on -c ssl_cert_file={self.root / 'server.crt'}"
+            options += f" -c ssl_key_file={self.root / 'server.key'}"
+        else:
+            options += " -c ssl=off"
         return options
 
     @property
@@ -160,6 +240,17 @@ class ThrowawayCluster:
             self._run(*initdb)
         finally:
             (self.root / "pwfile").unlink(missing_ok=True)
+        if self.tls is not None:
+            # The server's own copies: it refuses a key that others may read.
+            for source, name in (
+                (self.tls.certificate, "server.crt"),
+                (self.tls.key, "server.key"),
+            ):
+                copy = self.root / name
+                shutil.copyfile(source, copy)
+                copy.chmod(0o600)
+                if self.owner is not None:
+                    os.chown(copy, *self.owner)
         if self.replication:
             # initdb's own pg_hba.conf has such lines too; this one does not depend on it.
             with (self.data / "pg_hba.conf").open("a") as hba:

@@ -26,6 +26,8 @@ REPLAY_TIMEOUT = 10.0
 BASEBACKUP_TIMEOUT = 120.0
 SLOT_RELEASE_TIMEOUT = 10.0
 POLL_INTERVAL = 0.01
+# Milliseconds between a standby's attempts to stream from a primary it lost.
+RETRY_INTERVAL_MS = 200
 
 
 class Standby(RestartableCluster):
@@ -54,7 +56,12 @@ class Standby(RestartableCluster):
         self.creation_seconds = 0.0
 
     def options(self) -> str:
-        return f"{super().options()} -c hot_standby=on -c cluster_name={self.slot}"
+        # A primary started again is streamed from within a fraction of a second, not the
+        # default 5 s between the standby's attempts to reach it.
+        return (
+            f"{super().options()} -c hot_standby=on -c cluster_name={self.slot} "
+            f"-c wal_retrieve_retry_interval={RETRY_INTERVAL_MS}"
+        )
 
     def primary_conninfo(self) -> str:
         """How the standby reaches the primary; written into its configuration by -R."""

@@ -130,6 +130,19 @@ def wait_until(
         time.sleep(interval)
 
 
+async def wait_until_async(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = POLL_INTERVAL
+) -> float:
+    """wait_until() for a coroutine: polls without blocking the event loop's other tasks."""
+    started = time.monotonic()
+    while True:
+        if condition():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(interval)
+
+
 def wait_accepting(url: str, timeout: float = DATABASE_START_TIMEOUT) -> float:
     """Wait until the server at `url` accepts logins and queries; the seconds it took."""
     return wait_until(

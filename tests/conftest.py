@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _pytest.nodeid import NodeId
 
 from harness import pgserver
 from harness.services import render_synced
@@ -38,6 +39,23 @@ def default_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         migrations="alembic",
         with_example=True,
     )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--dist loadgroup` on pytest 9.2: pytest-xdist 3.8 marks a test's group by appending
+    it to `item._nodeid`, which pytest 9.2 no longer reads (its node ids are structured), so
+    every group would be spread over the workers and its module fixtures built on each
+    (pytest-dev/pytest-xdist#1386). The same suffix on the structured id; nothing to do
+    where pytest-xdist's own suffix took effect."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        suffix = "@" + "_".join(sorted(groups))
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness.rendering import clean_env
-from harness.services import migrate, render_synced, scratch_database, with_database
+from harness.services import migrate, render_synced, run, scratch_database, with_database
 
 SECTION = "## Adding a resource"
 BLOCK = re.compile(r"^```(python|sh)\n(.*?)^```$", re.M | re.S)
@@ -40,13 +39,9 @@ def steps(readme: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def run(line: str, root: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(
-        shlex.split(line), cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{line} failed:\n{output[-6000:]}"
-    return output
+def run_line(line: str, root: Path, env: dict[str, str]) -> str:
+    """A shell line of the README (no shell syntax), run in `root`; its output."""
+    return run(shlex.split(line), root, env, timeout=900)
 
 
 @pytest.mark.slow
@@ -82,16 +77,16 @@ def test_adding_a_resource_as_the_readme_says(
                 continue
             for line in body.strip().splitlines():
                 ran.append(line)
-                run(line, root, env)
+                run_line(line, root, env)
         assert "uv run pytest" in ran, ran
         created = sorted(set(revisions.glob("*.py")) - before)
         assert len(created) == 1, created
         revision = created[0].read_text()
         assert re.search(r"create_table\(\s*[\"']orders[\"']", revision), revision
         assert re.search(r"drop_table\(\s*[\"']orders[\"']", revision), revision
-        run("uv run alembic downgrade -1", root, env)
-        run("uv run alembic upgrade head", root, env)
-        run("uv run alembic check", root, env)
+        run_line("uv run alembic downgrade -1", root, env)
+        run_line("uv run alembic upgrade head", root, env)
+        run_line("uv run alembic check", root, env)
         # The new test file ran with the service's own tests, and passes on its own.
-        output = run("uv run pytest -q -p no:cacheprovider tests/test_orders.py", root, env)
+        output = run_line("uv run pytest -q -p no:cacheprovider tests/test_orders.py", root, env)
         assert re.search(r"\b3 passed\b", output), output

@@ -32,6 +32,7 @@ from harness.services import (
     report,
     throwaway_cluster,
     wait_accepting,
+    wait_until_async,
     with_database,
 )
 
@@ -50,15 +51,6 @@ OUTAGE_ANSWERS = 50
 REQUEST_TIMEOUT = 30.0
 LOAD_TIMEOUT = 150.0
 CONTROL_TIMEOUT = 60.0
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition()` in the event loop until it is true; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -129,20 +121,22 @@ async def post_under_crashes(
     async def crash_and_restart() -> None:
         mark = 0
         for number in range(1, CRASHES + 1):
-            await until(
+            await wait_until_async(
                 partial(enough_created, mark),
                 CONTROL_TIMEOUT,
                 f"{CREATED_BEFORE_CRASH} items created before crash {number}",
+                0.01,
             )
             assert not finished.is_set(), f"the load ended before crash {number}"
             crash = Crash(crashed_at=time.perf_counter())
             await asyncio.to_thread(cluster.crash_server)
             crashes.append(crash)
             mark = len(answers)
-            await until(
+            await wait_until_async(
                 partial(enough_answered, mark),
                 CONTROL_TIMEOUT,
                 f"{OUTAGE_ANSWERS} answers after crash {number}",
+                0.01,
             )
             await asyncio.to_thread(cluster.start_server)
             await asyncio.to_thread(wait_accepting, cluster.url)

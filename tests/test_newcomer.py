@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 
 from harness.rendering import clean_env, render
-from harness.services import scratch_database, with_database
+from harness.services import run, scratch_database, with_database
 
 PACKAGE = "my_service"
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{output[-6000:]}"
-    return output
+# An install, or a service's own test suite, on a busy machine.
+SLOW_STEP_TIMEOUT = 600
 
 
 def user_env(*, without: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
@@ -64,12 +59,14 @@ def test_pip_route_in_the_readme_installs_the_dev_tools(tmp_path: Path, pg_admin
     block = readme_block((root / "README.md").read_text(), "### With pip instead of uv")
     env = user_env(TEST_DATABASE_URL=pg_admin_url)
     # The commands exactly as documented, in one shell, from the service's root.
-    output = run(["bash", "-e", "-c", block], root, env)
+    output = run(["bash", "-e", "-c", block], root, env, SLOW_STEP_TIMEOUT)
     assert "does not provide the extra" not in output, output[-3000:]
 
     venv = root / ".venv"
     env = activated(env, venv)
-    output = run([str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider"], root, env)
+    output = run(
+        [str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider"], root, env, SLOW_STEP_TIMEOUT
+    )
     summary = output.strip().splitlines()[-1]
     assert re.search(r"\d+ passed", summary), summary
     for word in ("failed", "skipped", "xfailed", "xpassed", "deselected", "error"):
@@ -88,7 +85,7 @@ def test_revisions_after_a_plain_pip_install(tmp_path: Path, pg_admin_url: str) 
     env = user_env(without=("ruff",))
     run(["python3", "-m", "venv", str(venv)], tmp_path, env)
     pip = str(venv / "bin" / "pip")
-    run([pip, "install", "--quiet", "."], root, env)
+    run([pip, "install", "--quiet", "."], root, env, SLOW_STEP_TIMEOUT)
     installed = run(
         [str(venv / "bin" / "python"), "-c", f"import {PACKAGE}; print({PACKAGE})"], tmp_path, env
     )

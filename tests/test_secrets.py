@@ -3,8 +3,10 @@ an outage, in text and JSON), its answers, and the messages and reprs of its set
 errors (tests/programs/secrets_probe.py) hold no password, no URL with a user in it, and
 (but for answers) no value a request sent.
 
-The test has a throwaway cluster of its own, with passwords, and runs the service under
-uvicorn as a subprocess. Every wait is bounded in count and time.
+The module's tests share one rendered project and one throwaway cluster with passwords
+(module-scoped fixtures, one pytest-xdist worker); the service runs under uvicorn as a
+subprocess once per log format, and each check is a test of its own. A test that stops the
+cluster starts it again before it ends; every wait is bounded in time.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import quote
@@ -27,6 +28,7 @@ from psycopg import sql
 from harness.rendering import clean_env
 from harness.services import (
     UV_RUN,
+    RestartableCluster,
     Service,
     copy_program,
     migrate,
@@ -39,8 +41,13 @@ from harness.services import (
     with_database,
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secrets")]
+
 # A URL with credentials (scheme://user@ or scheme://user:password@).
 FULL_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@'\"]+@")
+LOG_FORMATS = ["text", "json"]
+REQUEST_TIMEOUT = 10.0
+RECOVERY_TIMEOUT = 15.0
 
 
 class Urls(TypedDict):
@@ -71,24 +78,34 @@ class Secrets:
             found += FULL_URL.findall(text)
         return found
 
+    def leaks_by_line(
+        self, outputs: dict[str, str], *, values: bool = False, urls: bool = False
+    ) -> list[str]:
+        return [
+            f"{where}: {leaks} in {line[:300]!r}"
+            for where, output in outputs.items()
+            for line in output.splitlines()
+            if (leaks := self.leaks(line, values=values, urls=urls))
+        ]
 
-def exchange(
-    client: httpx.Client, seen: list[str], method: str, path: str, **kwargs: Any
-) -> httpx.Response:
-    """A request whose answer (status line, headers, body) is kept for the search."""
-    response = client.request(method, path, **kwargs)
-    headers = "\n".join(f"{k}: {v}" for k, v in response.headers.multi_items())
-    seen.append(f"{method} {path} -> {response.status_code}\n{headers}\n{response.text}")
-    return response
+
+@dataclass
+class Setup:
+    """The rendered project (read_replica=true: DATABASE_READ_URL carries a password of its
+    own too), migrated on a cluster with passwords by a schema owner."""
+
+    project: Path
+    cluster: RestartableCluster
+    urls: Urls
+    secrets: Secrets
+    token: str
+    price: int
+    migrate_output: str
 
 
-@pytest.mark.slow
-def test_no_secret_in_output_answers_or_errors(
-    tmp_path: Path, record_property: Callable[[str, Any], None]
-) -> None:
-    # With a replica: DATABASE_READ_URL carries a password of its own too.
-    project = render_synced(tmp_path / "service", read_replica=True)
-    probe_path = copy_program("secrets_probe.py", project / "secrets_probe.py")
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    project = render_synced(tmp_path_factory.mktemp("secrets") / "service", read_replica=True)
     token = uuid.uuid4().hex
     # Characters that a URL must escape, so that both spellings are searched for.
     password = f"Pw-{uuid.uuid4().hex[:12]}-@:/%"
@@ -99,20 +116,7 @@ def test_no_secret_in_output_answers_or_errors(
         [password, reader_password, owner_password],
         [f"name-{token}", f"desc-{token}", str(price)],
     )
-    responses: list[str] = []
-    caught: list[str] = []
-    outputs: dict[str, str] = {}
-    statuses: Counter[int] = Counter()
-
     with throwaway_cluster(password=password) as cluster:
-        host = f"127.0.0.1:{cluster.port}"
-        # The password is really used: without it the server refuses the login.
-        with pytest.raises(psycopg.OperationalError) as refused:
-            psycopg.connect(f"postgresql://postgres@{host}/postgres", connect_timeout=5)
-        caught.append(str(refused.value))
-        assert "password authentication failed" in str(refused.value) or "no password" in str(
-            refused.value
-        ), refused.value
         # Three roles, a password each: the service (postgres), its reads (reader) and the
         # migrations, which own the schema (owner).
         with psycopg.connect(cluster.url, autocommit=True, connect_timeout=5) as conn:
@@ -120,131 +124,186 @@ def test_no_secret_in_output_answers_or_errors(
                 query = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
                 conn.execute(query.format(sql.Identifier(role), sql.Literal(secret)))
             conn.execute("CREATE DATABASE secrets OWNER owner")
-        database_url = with_database(cluster.url, "secrets")
-        read_url = f"postgresql://reader:{quote(reader_password, safe='')}@{host}/secrets"
-        migration_url = f"postgresql://owner:{quote(owner_password, safe='')}@{host}/secrets"
+
+        def role_url(role: str, secret: str) -> str:
+            return f"postgresql://{role}:{quote(secret, safe='')}@127.0.0.1:{cluster.port}/secrets"
+
         urls: Urls = {
-            "DATABASE_URL": database_url,
-            "DATABASE_READ_URL": read_url,
-            "DATABASE_MIGRATION_URL": migration_url,
+            "DATABASE_URL": with_database(cluster.url, "secrets"),
+            "DATABASE_READ_URL": role_url("reader", reader_password),
+            "DATABASE_MIGRATION_URL": role_url("owner", owner_password),
         }
-        outputs["alembic upgrade head"] = migrate(project, database_url, **urls)
-        with psycopg.connect(migration_url, autocommit=True, connect_timeout=5) as conn:
-            owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'items'")
-            assert owner.fetchone() == ("owner",), "the migrations ran as another role"
+        migrated = migrate(project, urls["DATABASE_URL"], **urls)
+        with psycopg.connect(urls["DATABASE_MIGRATION_URL"], autocommit=True) as conn:
             conn.execute("GRANT SELECT ON items TO reader")
+        yield Setup(project, cluster, urls, secrets, token, price, migrated)
 
-        for log_format in ("text", "json"):
-            service = Service(
-                project,
-                tmp_path / f"{log_format}.out",
-                stderr_path=tmp_path / f"{log_format}.err",
-                **urls,
-                DB_ECHO="true",
-                LOG_LEVEL="DEBUG",
-                LOG_FORMAT=log_format,
-                DB_SLOW_QUERY_MS="0.001",
-            )
+
+def restart(cluster: RestartableCluster) -> None:
+    cluster.start_server()
+    wait_accepting(cluster.url)
+
+
+@dataclass
+class Served:
+    """What one run of the service in a log format produced: every answer (status line,
+    headers, body), the status of each call against the one it should have, its output."""
+
+    responses: list[str] = field(default_factory=list)
+    statuses: list[tuple[str, int, int]] = field(default_factory=list)  # call, expected, got
+    stdout: str = ""
+    stderr: str = ""
+
+    def exchange(
+        self, client: httpx.Client, method: str, path: str, expected: int | None, **kwargs: Any
+    ) -> httpx.Response:
+        """A request whose answer is kept for the search; its status checked if `expected`."""
+        response = client.request(method, path, **kwargs)
+        headers = "\n".join(f"{k}: {v}" for k, v in response.headers.multi_items())
+        self.responses.append(
+            f"{method} {path} -> {response.status_code}\n{headers}\n{response.text}"
+        )
+        if expected is not None:
+            self.statuses.append((f"{method} {path}", expected, response.status_code))
+        return response
+
+
+@pytest.fixture(scope="module", params=LOG_FORMATS)
+def served(
+    request: pytest.FixtureRequest, setup: Setup, tmp_path_factory: pytest.TempPathFactory
+) -> Served:
+    """The service with DB_ECHO, debug logs, every query counted as slow and the log format
+    of the parameter: items written and read, a duplicate, health and metrics, then the same
+    while the cluster is down, then again once it is back."""
+    log_format: str = request.param
+    logs = tmp_path_factory.mktemp(f"secrets-{log_format}")
+    served = Served()
+    service = Service(
+        setup.project,
+        logs / "out",
+        stderr_path=logs / "err",
+        **setup.urls,
+        DB_ECHO="true",
+        LOG_LEVEL="DEBUG",
+        LOG_FORMAT=log_format,
+        DB_SLOW_QUERY_MS="0.001",
+    )
+    try:
+        service.start()
+        with httpx.Client(base_url=service.base_url, timeout=REQUEST_TIMEOUT) as client:
+            body = {
+                "name": f"name-{setup.token}-{log_format}",
+                "description": f"desc-{setup.token}",
+                "price_cents": setup.price,
+            }
+            created = served.exchange(client, "POST", "/items", 201, json=body)
+            item = f"/items/{created.json()['id']}" if created.status_code == 201 else "/items/1"
+            served.exchange(client, "GET", item, 200)
+            served.exchange(client, "GET", "/items", 200, params={"limit": 5})
+            served.exchange(client, "POST", "/items", 409, json=body)  # a duplicate
+            served.exchange(client, "GET", "/health/db", 200)
+            served.exchange(client, "GET", "/metrics", 200)
+
+            setup.cluster.stop_server()
             try:
-                service.start()
-                with httpx.Client(base_url=service.base_url, timeout=10) as client:
-                    body = {
-                        "name": f"name-{token}-{log_format}",
-                        "description": f"desc-{token}",
-                        "price_cents": price,
-                    }
-                    created = exchange(client, responses, "POST", "/items", json=body)
-                    assert created.status_code == 201, created.text
-                    item = f"/items/{created.json()['id']}"
-                    calls: list[tuple[str, str, dict[str, Any]]] = [
-                        ("GET", item, {}),
-                        ("GET", "/items", {"params": {"limit": 5}}),
-                        ("POST", "/items", {"json": body}),  # a duplicate: 409
-                        ("GET", "/health/db", {}),
-                        ("GET", "/metrics", {}),
-                    ]
-                    for method, path, kwargs in calls:
-                        statuses[
-                            exchange(client, responses, method, path, **kwargs).status_code
-                        ] += 1
-
-                    cluster.stop_server()
-                    outage = {**body, "name": f"name-{token}-{log_format}-outage"}
-                    outage_calls: list[tuple[str, str, dict[str, Any]]] = [
-                        ("POST", "/items", {"json": outage}),
-                        ("GET", item, {}),
-                        ("GET", "/items", {}),
-                        ("GET", "/health/db", {}),
-                    ]
-                    for method, path, kwargs in outage_calls:
-                        response = exchange(client, responses, method, path, **kwargs)
-                        assert response.status_code == 503, (path, response.text)
-                        statuses[503] += 1
-                    exchange(client, responses, "GET", "/metrics")
-                    if log_format == "text":
-                        # The service's own errors while the database is down.
-                        probe = run(
-                            [*UV_RUN, "python", str(probe_path)],
-                            project,
-                            clean_env(**urls),
-                        )
-                        logged, _, printed = probe.partition("MESSAGES ")
-                        caught.extend(json.loads(printed.splitlines()[0]))
-                        outputs["the probe's log"] = logged + printed.partition("\n")[2]
-                        with pytest.raises(psycopg.OperationalError) as down:
-                            psycopg.connect(database_url, connect_timeout=5)
-                        caught.append(str(down.value))
-
-                    cluster.start_server()
-                    wait_accepting(cluster.url)
-
-                    def answers_again(item: str = item) -> bool:
-                        return exchange(client, responses, "GET", item).status_code == 200
-
-                    wait_until(answers_again, 15, "the service answers again")
-                    again = {**body, "name": f"name-{token}-{log_format}-again"}
-                    assert (
-                        exchange(client, responses, "POST", "/items", json=again).status_code == 201
-                    )
-                    assert exchange(client, responses, "GET", "/health/db").status_code == 200
+                outage = {**body, "name": f"name-{setup.token}-{log_format}-outage"}
+                served.exchange(client, "POST", "/items", 503, json=outage)
+                served.exchange(client, "GET", item, 503)
+                served.exchange(client, "GET", "/items", 503)
+                served.exchange(client, "GET", "/health/db", 503)
+                served.exchange(client, "GET", "/metrics", 200)
             finally:
-                service.stop()
-            outputs[f"stdout, LOG_FORMAT={log_format}"] = service.log()
-            outputs[f"stderr, LOG_FORMAT={log_format}"] = service.stderr()
+                restart(setup.cluster)
 
-    # The checks could fail: the echo, the debug lines and the outage really happened.
-    text_log = outputs["stdout, LOG_FORMAT=text"]
-    json_log = outputs["stdout, LOG_FORMAT=json"]
-    assert "Running upgrade" in outputs["alembic upgrade head"], outputs["alembic upgrade head"]
-    for log in (text_log, json_log):
-        assert "INSERT INTO items" in log, "no statement echoed (DB_ECHO)"
-        assert "slow query" in log, "no slow-query line"
-        assert "database unavailable" in log, "no outage line"
-    assert statuses == {200: 8, 409: 2, 503: 8}, statuses
+            wait_until(
+                lambda: served.exchange(client, "GET", item, None).status_code == 200,
+                RECOVERY_TIMEOUT,
+                "the service answers again",
+            )
+            again = {**body, "name": f"name-{setup.token}-{log_format}-again"}
+            served.exchange(client, "POST", "/items", 201, json=again)
+            served.exchange(client, "GET", "/health/db", 200)
+    finally:
+        service.stop()
+    served.stdout, served.stderr = service.log(), service.stderr()
+    return served
 
-    # Output: no password, no URL with a user in it, no value a request sent.
-    problems = [
-        f"{where}: {leaks} in {line[:300]!r}"
-        for where, output in outputs.items()
-        for line in output.splitlines()
-        if (leaks := secrets.leaks(line, values=True, urls=True))
+
+def test_the_cluster_refuses_a_login_without_the_password(setup: Setup) -> None:
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{setup.cluster.port}/postgres")
+    message = str(refused.value)
+    assert "password authentication failed" in message or "no password" in message, message
+    assert not setup.secrets.leaks(message, values=True)
+
+
+def test_migrations_run_as_the_owner_and_print_no_secret(setup: Setup) -> None:
+    assert "Running upgrade" in setup.migrate_output, setup.migrate_output
+    with psycopg.connect(setup.urls["DATABASE_MIGRATION_URL"], autocommit=True) as conn:
+        owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'items'")
+        assert owner.fetchone() == ("owner",), "the migrations ran as another role"
+    output = {"alembic upgrade head": setup.migrate_output}
+    problems = setup.secrets.leaks_by_line(output, values=True, urls=True)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_the_service_ran_what_is_searched(
+    served: Served, record_property: Callable[[str, Any], None]
+) -> None:
+    # The checks below could fail: the echo, the debug lines and the outage really happened.
+    report(
+        record_property,
+        "secrets",
+        f"{len(served.stdout.splitlines())} lines of output, {len(served.responses)} answers",
+    )
+    wrong = [
+        f"{call}: {got}, not {expected}"
+        for call, expected, got in served.statuses
+        if got != expected
     ]
+    assert not wrong, "\n".join(wrong)
+    assert "INSERT INTO items" in served.stdout, "no statement echoed (DB_ECHO)"
+    assert "slow query" in served.stdout, "no slow-query line"
+    assert "database unavailable" in served.stdout, "no outage line"
+
+
+def test_no_secret_or_value_in_the_service_output(served: Served, setup: Setup) -> None:
+    outputs = {"stdout": served.stdout, "stderr": served.stderr}
+    problems = setup.secrets.leaks_by_line(outputs, values=True, urls=True)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_no_password_or_url_in_answers(served: Served, setup: Setup) -> None:
     # Answers carry the values sent (the items), but neither passwords nor URLs.
-    problems += [
+    problems = [
         f"answer: {leaks} in {answer[:300]!r}"
-        for answer in responses
-        if (leaks := secrets.leaks(answer, urls=True))
+        for answer in served.responses
+        if (leaks := setup.secrets.leaks(answer, urls=True))
     ]
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_no_password_in_errors_and_reprs_while_the_database_is_down(
+    setup: Setup, record_property: Callable[[str, Any], None]
+) -> None:
+    probe_path = copy_program("secrets_probe.py", setup.project / "secrets_probe.py")
+    setup.cluster.stop_server()
+    try:
+        # The service's own settings, reprs and errors while the database is down.
+        probe = run([*UV_RUN, "python", str(probe_path)], setup.project, clean_env(**setup.urls))
+        with pytest.raises(psycopg.OperationalError) as down:
+            psycopg.connect(setup.urls["DATABASE_URL"], connect_timeout=5)
+    finally:
+        restart(setup.cluster)
+    logged, _, printed = probe.partition("MESSAGES ")
+    caught: list[str] = [*json.loads(printed.splitlines()[0]), str(down.value)]
+    report(record_property, "secrets probe", f"{len(caught)} exception messages and reprs")
     # Exception messages and reprs: no password (a URL with the password masked may appear).
-    problems += [
+    problems = [
         f"exception or repr: {leaks} in {message[:300]!r}"
         for message in caught
-        if (leaks := secrets.leaks(message, values=True))
+        if (leaks := setup.secrets.leaks(message, values=True))
     ]
-    lines = sum(len(output.splitlines()) for output in outputs.values())
-    figures = (
-        f"{lines} lines of output, {len(responses)} answers, {len(caught)} exception messages "
-        f"searched; statuses {dict(statuses)}"
-    )
-    report(record_property, "secrets", figures)
+    outputs = {"the probe's log": logged + printed.partition("\n")[2]}
+    problems += setup.secrets.leaks_by_line(outputs, values=True, urls=True)
     assert not problems, "\n".join(problems[:20])

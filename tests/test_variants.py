@@ -4,20 +4,16 @@ linters, the strict type check and its own tests against a real database."""
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness.rendering import clean_env, render, variant_id, variants
+from harness.services import run
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{output[-6000:]}"
-    return output
+# A variant's own test suite, on a busy machine.
+SUITE_TIMEOUT = 600
 
 
 @pytest.mark.slow
@@ -33,7 +29,7 @@ def test_variant_passes_its_own_checks(
     run([*tool, "ruff", "check", "."], root, env)
     run([*tool, "ruff", "format", "--check", "."], root, env)
     run([*tool, "mypy"], root, env)
-    output = run([*tool, "pytest", "-q", "-p", "no:cacheprovider"], root, env)
+    output = run([*tool, "pytest", "-q", "-p", "no:cacheprovider"], root, env, SUITE_TIMEOUT)
     summary = output.strip().splitlines()[-1]
     assert re.search(r"\d+ passed", summary), summary
     # A skipped or xfailed test would hide an untested part of the variant.

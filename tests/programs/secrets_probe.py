@@ -3,7 +3,8 @@ environment, while its database is down.
 
 tests/test_secrets.py copies it into a rendered project and runs it there with the service's
 URLs (passwords in them) in the environment; it prints every message it collected as a JSON
-list after "MESSAGES ", and the test searches them for the passwords."""
+list after "MESSAGES ", and the test searches them for the passwords. It exits with an error
+when a bad setting is accepted or the database answers."""
 
 import asyncio
 import json
@@ -26,6 +27,8 @@ for variable in ("database_url", "database_read_url", "database_migration_url"):
             load_settings(**{variable: bad})
         except SettingsError as exc:
             messages.append(str(exc))
+        else:
+            raise SystemExit(f"{variable}: a bad URL was accepted")
 
 
 async def read(database: Database) -> None:
@@ -35,12 +38,17 @@ async def read(database: Database) -> None:
 
 async def main() -> None:
     async with Database(settings) as database:
-        attempts: list[Callable[[], Awaitable[object]]] = [database.ping, lambda: read(database)]
-        for attempt in attempts:
+        attempts: dict[str, Callable[[], Awaitable[object]]] = {
+            "ping": database.ping,
+            "read": lambda: read(database),
+        }
+        for name, attempt in attempts.items():
             try:
                 await attempt()
             except Exception as exc:
                 messages.extend([str(exc), repr(exc), repr(exc.__cause__)])
+            else:
+                raise SystemExit(f"{name} succeeded: the database is not down")
 
 
 asyncio.run(main())
