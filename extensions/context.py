@@ -88,6 +88,9 @@ class DatabaseFacts(ContextHook):
                 # A read replica behind ReadSessionDep (DATABASE_READ_URL): PostgreSQL only.
                 "has_replica": is_postgres and context.get("read_replica") is True,
                 "use_alembic": use_alembic,
+                # The example's ids, prices and versions: bigint on PostgreSQL, except in
+                # services made before 0.4.0, which keep the integer columns they created.
+                "bigint_ids": is_postgres and context.get("id_type", "bigint") == "bigint",
                 # DATABASE_MIGRATION_URL: migrations as the schema owner (PostgreSQL).
                 "has_migration_url": is_postgres and use_alembic,
                 "url_scheme": facts["url_scheme"],

@@ -3,6 +3,9 @@ renames a question or moves a file. copier runs them inside the service being up
 
     rename-answer OLD NEW   stage "before": the answers file calls OLD by its new name, so
                             the update keeps the service's answer instead of the default.
+    set-answer NAME VALUE   stage "before": the answers file answers NAME with VALUE, unless
+                            NAME is answered already. For a new question whose default
+                            would change what services from earlier releases have.
     move-file OLD NEW       stage "after": the service's own version of OLD (from the last
                             commit, since copier deletes OLD) replaces the freshly rendered
                             NEW. For a file moved without other changes in that release.
@@ -36,6 +39,14 @@ def rename_answer(old: str, new: str) -> str:
         return f"{ANSWERS_FILE}: no answer for {old}; {new} takes its default"
     ANSWERS_FILE.write_text(renamed)
     return f"{ANSWERS_FILE}: answer {old} is now {new}"
+
+
+def set_answer(name: str, value: str) -> str:
+    text = ANSWERS_FILE.read_text()
+    if re.search(rf"^{re.escape(name)}:", text, re.M):
+        return f"{ANSWERS_FILE}: {name} already answered; kept"
+    ANSWERS_FILE.write_text(f"{text.rstrip(chr(10))}\n{name}: {value}\n")
+    return f"{ANSWERS_FILE}: {name} answered {value}"
 
 
 def committed(path: str) -> bytes | None:
@@ -231,6 +242,7 @@ def move_imports(old: str, new: str, names: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
+    sub.add_parser("set-answer").add_argument("pair", nargs=2, metavar=("NAME", "VALUE"))
     for name in ("rename-answer", "move-file", "move-imports"):
         step = sub.add_parser(name)
         step.add_argument("old")
@@ -238,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "move-imports":
             step.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
-    if args.step == "rename-answer":
+    if args.step == "set-answer":
+        print(set_answer(*args.pair))
+    elif args.step == "rename-answer":
         print(rename_answer(args.old, args.new))
     elif args.step == "move-file":
         print(move_file(args.old, args.new))

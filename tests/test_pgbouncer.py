@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import re
 import ssl
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -29,7 +30,7 @@ import pytest
 
 from harness.pgbouncer import PgBouncer, require_pgbouncer
 from harness.pgserver import free_port
-from harness.rendering import clean_env, render
+from harness.rendering import clean_env, postgres_drivers, render
 from harness.services import (
     UV_RUN,
     ConnectionSampler,
@@ -37,11 +38,12 @@ from harness.services import (
     run,
     running_service,
     scratch_database,
+    wait_until,
     with_database,
 )
 from harness.system import MissingProgramError
 
-DRIVERS = ["asyncpg", "psycopg"]
+DRIVERS = postgres_drivers()
 
 BOUNCER_POOL_SIZE = 10
 WORKERS = 2
@@ -362,6 +364,96 @@ def test_migrations_use_the_direct_url(
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
     assert row == (True,), "no items table after `alembic upgrade head`"
     assert len(version) == 1, version
+
+
+# Advisory lock the test holds to stop the probe revision where it wants it.
+PROBE_LOCK_KEY = 4343
+# A revision that records what its session holds, then waits for PROBE_LOCK_KEY.
+SESSION_PROBE = f'''"""Record the migration's session."""
+
+from alembic import op
+
+revision = "0099"
+down_revision = "{{head}}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        "CREATE TABLE migration_session AS SELECT pg_backend_pid() AS pid, "
+        "current_setting('lock_timeout') AS lock_timeout, "
+        "current_setting('statement_timeout') AS statement_timeout, "
+        "(SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+        "AND locktype = 'advisory' AND granted) AS advisory_locks"
+    )
+    op.execute("SELECT pg_advisory_lock_shared({PROBE_LOCK_KEY})")
+    op.execute("SELECT pg_advisory_unlock_shared({PROBE_LOCK_KEY})")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE migration_session")
+'''
+
+
+def bouncer_clients(bouncer: PgBouncer, database: str) -> list[tuple[Any, ...]]:
+    """PgBouncer's clients of `database` (its admin console's SHOW CLIENTS)."""
+    with psycopg.connect(bouncer.url("pgbouncer"), autocommit=True, connect_timeout=5) as admin:
+        cursor = admin.execute("SHOW CLIENTS")
+        assert cursor.description is not None
+        column = [c.name for c in cursor.description].index("database")
+        return [row for row in cursor.fetchall() if row[column] == database]
+
+
+@pytest.mark.slow
+def test_migrations_hold_their_session_on_postgresql_itself(
+    project: Callable[[str, str], Path], bouncer: PgBouncer, database: str, pg_admin_url: str
+) -> None:
+    """DATABASE_URL through PgBouncer, DATABASE_MIGRATION_URL to PostgreSQL: while a revision
+    runs, PgBouncer has no client, and the revision's session holds the migration lock and the
+    timeouts env.py set for it before the revision's transaction began."""
+    root = project("asyncpg", "pgbouncer")
+    direct_url = with_database(pg_admin_url, database)
+    offline = run([*UV_RUN, "alembic", "upgrade", "head", "--sql"], root, clean_env())
+    head = re.findall(r"Running upgrade \w* -> (\w+)", offline)[-1]
+    probe = root / "migrations" / "versions" / "20991231_0099_session_probe.py"
+    probe.write_text(SESSION_PROBE.format(head=head))
+    env = clean_env(DATABASE_URL=bouncer.url(database), DATABASE_MIGRATION_URL=direct_url)
+    try:
+        with psycopg.connect(direct_url, autocommit=True, connect_timeout=5) as test:
+            test.execute("SELECT pg_advisory_lock(%s)", (PROBE_LOCK_KEY,))
+            migrator = subprocess.Popen(
+                [*UV_RUN, "alembic", "upgrade", "head"],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                waiting = (
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                    "AND objid::bigint = %s AND database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+                wait_until(
+                    lambda: test.execute(waiting, (PROBE_LOCK_KEY,)).fetchall(),
+                    60,
+                    "the migration waiting inside its revision",
+                )
+                clients = bouncer_clients(bouncer, database)
+            finally:
+                test.execute("SELECT pg_advisory_unlock(%s)", (PROBE_LOCK_KEY,))
+            output = migrator.communicate(timeout=120)[0]
+    finally:
+        probe.unlink()
+    assert migrator.returncode == 0, output
+    assert clients == [], f"the migration went through PgBouncer: {clients}"
+    with psycopg.connect(direct_url, autocommit=True, connect_timeout=5) as conn:
+        session = conn.execute(
+            "SELECT lock_timeout, statement_timeout, advisory_locks FROM migration_session"
+        ).fetchall()
+    assert session == [("5s", "1h", 1)], session
 
 
 @pytest.mark.slow

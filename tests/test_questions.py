@@ -48,6 +48,7 @@ BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     ({"db_driver": "mysql"}, r"'db_driver'.*not in \['asyncpg', 'psycopg', 'aiosqlite'\]"),
     ({"migrations": "yoyo"}, r"'migrations'.*not in \['alembic', 'none'\]"),
     ({"db_pooler": "pgpool"}, r"'db_pooler'.*not in \['none', 'pgbouncer'\]"),
+    ({"id_type": "int4"}, r"'id_type'.*not in \['bigint', 'integer'\]"),
 ]
 
 
@@ -121,6 +122,6 @@ def test_package_and_db_names_derive_from_the_project_name(
 def test_postgresql_questions_are_not_asked_for_sqlite(tmp_path: Path) -> None:
     dst = render(tmp_path / "s", db_driver="aiosqlite")
     answers = yaml.safe_load((dst / ".copier-answers.yml").read_text())
-    for name in ("db_statement_timeout", "db_pooler", "read_replica"):
+    for name in ("db_statement_timeout", "db_pooler", "read_replica", "id_type"):
         assert name not in answers
     assert "STATEMENT_TIMEOUT" not in (dst / ".env.example").read_text()

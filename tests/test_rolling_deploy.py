@@ -81,6 +81,8 @@ Revises: {head}
 import sqlalchemy as sa
 from alembic import context, op
 
+from migrations.indexes import create_index_concurrently, drop_index_concurrently
+
 revision = "{revision}"
 down_revision = "{head}"
 branch_labels = None
@@ -113,17 +115,11 @@ def upgrade() -> None:
         "CREATE TRIGGER items_sync_details BEFORE INSERT OR UPDATE ON items "
         "FOR EACH ROW EXECUTE FUNCTION items_sync_details()"
     )
+    create_index_concurrently("ix_items_price_cents", "items", ["price_cents"])
+    if context.is_offline_mode():
+        return
+    # The rows written before the trigger, a batch per transaction.
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_items_price_cents",
-            "items",
-            ["price_cents"],
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
-        if context.is_offline_mode():
-            return
-        # The rows written before the trigger, a batch per transaction.
         bind = op.get_bind()
         last = bind.scalar(sa.text("SELECT max(id) FROM items")) or 0
         for start in range(0, last, BATCH):
@@ -139,10 +135,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TRIGGER items_sync_details ON items")
     op.execute("DROP FUNCTION items_sync_details()")
-    with op.get_context().autocommit_block():
-        op.drop_index(
-            "ix_items_price_cents", "items", postgresql_concurrently=True, if_exists=True
-        )
+    drop_index_concurrently("ix_items_price_cents", "items")
     op.drop_column("items", "details")
     op.drop_column("items", "stock")
 '''

@@ -74,21 +74,29 @@ def test_files_follow_the_answers(rendered: tuple[dict[str, Any], Path]) -> None
     assert files(root) == expected_files(data)
 
 
+# The revisions' linter: PostgreSQL with Alembic only.
+SQUAWK_FILES = [".squawk.toml", "tests/test_revisions_lint.py"]
+
+
 @pytest.mark.parametrize(
     ("data", "present", "absent"),
     [
         (
             {},
-            ["migrations/runtime_role.sql", f"src/{PKG}/models/item.py"],
+            ["migrations/runtime_role.sql", f"src/{PKG}/models/item.py", *SQUAWK_FILES],
             [f"src/{PKG}/db/replica.py"],
         ),
         ({"read_replica": True}, [f"src/{PKG}/db/replica.py", "migrations/replica_role.sql"], []),
-        ({"db_driver": "aiosqlite", "read_replica": True}, [], [f"src/{PKG}/db/replica.py"]),
+        (
+            {"db_driver": "aiosqlite", "read_replica": True},
+            [],
+            [f"src/{PKG}/db/replica.py", *SQUAWK_FILES],
+        ),
         ({"metrics": False}, [], [f"src/{PKG}/metrics.py", "tests/test_metrics.py"]),
         (
             {"migrations": "none"},
             [f"src/{PKG}/db/prototype.py"],
-            ["alembic.ini", "migrations/env.py"],
+            ["alembic.ini", "migrations/env.py", *SQUAWK_FILES],
         ),
         ({"with_example": False}, [], [f"src/{PKG}/schemas/item.py", f"src/{PKG}/api/items.py"]),
     ],
@@ -234,6 +242,8 @@ def test_ci_workflow_is_a_valid_github_workflow(rendered: tuple[dict[str, Any], 
         "pytest",
     ):
         assert command in steps
+    linted = data["db_driver"] != "aiosqlite" and data["migrations"] == "alembic"
+    assert ("tests/test_revisions_lint.py" in steps) == linted
     has_service = "services" in yaml.safe_load(workflow.read_text())["jobs"]["test"]
     assert has_service == (data["db_driver"] != "aiosqlite")
 
