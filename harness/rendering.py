@@ -43,17 +43,19 @@ def postgres_drivers() -> list[str]:
 
 
 def variants() -> Iterator[dict[str, Any]]:
-    """driver x migrations x with_example, derived from copier.yml, with `metrics` and
-    `read_replica` (PostgreSQL only) on in half of them, chosen so that each of their values
-    meets every value of every other question (pairwise coverage) without doubling the
-    matrix: `metrics` where alembic and the example go together (both or neither),
-    `read_replica` where asyncpg and alembic do not (so the default answers are a variant)."""
+    """driver x migrations x with_example, derived from copier.yml, with `metrics`,
+    `read_replica` (PostgreSQL only) and `tracing` on in half of them, chosen so that each of
+    their values meets every value of every other question (pairwise coverage) without
+    doubling the matrix: `metrics` where alembic and the example go together (both or
+    neither), `read_replica` where asyncpg and alembic do not, `tracing` where asyncpg and
+    the example do not (so the default answers are a variant)."""
     for combo in itertools.product(*(answer_values(q) for q in MATRIX_QUESTIONS)):
         data = dict(zip(MATRIX_QUESTIONS, combo, strict=True))
         data["metrics"] = (data["migrations"] == "alembic") == data["with_example"]
         if data["db_driver"] != "aiosqlite":
             alembic = data["migrations"] == "alembic"
             data["read_replica"] = (data["db_driver"] == "asyncpg") != alembic
+        data["tracing"] = (data["db_driver"] == "asyncpg") != data["with_example"]
         yield data
 
 
@@ -61,7 +63,8 @@ def variant_id(data: dict[str, Any]) -> str:
     example = "example" if data["with_example"] else "bare"
     metrics = "-metrics" if data.get("metrics", True) else ""
     replica = "-replica" if data.get("read_replica", False) else ""
-    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}{replica}"
+    tracing = "-tracing" if data.get("tracing", False) else ""
+    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}{replica}{tracing}"
 
 
 def render(

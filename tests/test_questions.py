@@ -24,6 +24,7 @@ BAD_ANSWERS: list[tuple[dict[str, Any], str]] = [
     ({"db_echo": 3}, r"question 'db_echo'.*true or false"),
     ({"with_example": "sure"}, r"question 'with_example'.*true or false"),
     ({"metrics": "yes please"}, r"question 'metrics'.*true or false"),
+    ({"tracing": "sometimes"}, r"question 'tracing'.*true or false"),
     ({"read_replica": "one"}, r"question 'read_replica'.*true or false"),
     # out of range
     ({"db_pool_size": 0}, r"question 'db_pool_size'.*>= 1"),

@@ -156,7 +156,16 @@ def test_dependencies_are_exactly_what_the_variant_needs(
         expected.add("alembic")
     if data["metrics"]:
         expected.add("prometheus-client")
+    if data.get("tracing"):
+        expected |= {
+            "opentelemetry-sdk",
+            "opentelemetry-exporter-otlp-proto-http",
+            "opentelemetry-instrumentation-sqlalchemy",
+        }
     assert names == expected
+    dev = {re.split(r"[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["dependency-groups"]["dev"]}
+    linted = data["db_driver"] != "aiosqlite" and data["migrations"] == "alembic"
+    assert ("squawk-cli" in dev) == linted  # the revisions' linter
     assert project["project"]["requires-python"] == ">=3.11"
     assert project["tool"]["mypy"]["strict"] is True
     assert project["tool"]["ruff"]["lint"]["select"]

@@ -1,0 +1,482 @@
+"""Tracing (tracing=true) read from a real run: the service under uvicorn sends its spans over
+OTLP/HTTP to a receiver this test starts, which decodes them with the OpenTelemetry protocol's
+own messages. Per driver: the span trees of a GET, a POST, a PATCH with If-Match, a 404, a
+retried serialization failure (PostgreSQL's 40001, SQLite's lock) and, on PostgreSQL, a 503
+while the database is down; the caller's trace continued; each statement one span; no bound
+value, password or URL in anything exported; log lines and exemplars pointing at exported
+spans. And a collector that is down: requests keep their answers, one line is logged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from harness.services import (
+    DEFAULT_APP,
+    Service,
+    create_database,
+    migrate,
+    render_synced,
+    throwaway_cluster,
+    wait_accepting,
+    wait_until,
+    with_database,
+)
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "tr4ce-pw-" + uuid.uuid4().hex[:8]
+# A body value: it reaches a bound parameter, never a span.
+BODY_SECRET = "body-" + uuid.uuid4().hex[:12]
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+SERVER, CLIENT = 2, 3  # Span.SpanKind of the protocol
+STATUS_ERROR = 2
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+TIMEOUT = 30.0
+
+
+@dataclass
+class Span:
+    """One exported span, decoded: ids in hex, attribute values as Python values."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    kind: int
+    attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    status: int
+    status_message: str
+    resource: dict[str, Any]
+
+
+def value(any_value: AnyValue) -> Any:
+    kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [value(v) for v in any_value.array_value.values]
+    return getattr(any_value, kind) if kind else None
+
+
+def mapping(pairs: Any) -> dict[str, Any]:
+    return {pair.key: value(pair.value) for pair in pairs if isinstance(pair, KeyValue)}
+
+
+@dataclass
+class Collector:
+    """An OTLP/HTTP trace receiver on a free loopback port. While `down`, it drops every
+    connection without an answer, as a collector that is gone behind its address does."""
+
+    spans: list[Span] = field(default_factory=list)
+    attempts: int = 0
+    down: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with collector.lock:
+                    collector.attempts += 1
+                    if collector.down:
+                        self.close_connection = True
+                        return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                collector.receive(request)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def receive(self, request: ExportTraceServiceRequest) -> None:
+        for resource_spans in request.resource_spans:
+            resource = mapping(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    decoded = Span(
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_id=span.parent_span_id.hex(),
+                        name=span.name,
+                        kind=span.kind,
+                        attributes=mapping(span.attributes),
+                        events=[(e.name, mapping(e.attributes)) for e in span.events],
+                        status=span.status.code,
+                        status_message=span.status.message,
+                        resource=resource,
+                    )
+                    with self.lock:
+                        self.spans.append(decoded)
+
+    def received(self) -> list[Span]:
+        with self.lock:
+            return list(self.spans)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    receiver = Collector()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+class Requests:
+    """Requests sent with an X-Request-ID of their own; their answers by that id."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.sent: dict[str, httpx.Response] = {}
+
+    def send(self, method: str, path: str, **kwargs: Any) -> tuple[str, httpx.Response]:
+        request_id = uuid.uuid4().hex
+        headers = {"X-Request-ID": request_id, **kwargs.pop("headers", {})}
+        response = self.client.request(method, path, headers=headers, **kwargs)
+        self.sent[request_id] = response
+        return request_id, response
+
+
+def server_span(spans: list[Span], request_id: str) -> Span:
+    (server,) = [
+        s
+        for s in spans
+        if s.kind == SERVER
+        and s.attributes.get("http.response.header.x-request-id") == [request_id]
+    ]
+    return server
+
+
+def in_trace(spans: list[Span], server: Span) -> list[Span]:
+    """The spans under `server` (its descendants), found by their parents."""
+    below, frontier = [], {server.span_id}
+    while frontier:
+        found = [s for s in spans if s.parent_id in frontier]
+        below += found
+        frontier = {s.span_id for s in found}
+    return below
+
+
+def statements(spans: list[Span]) -> list[Span]:
+    return [s for s in spans if s.kind == CLIENT]
+
+
+def attempts(spans: list[Span]) -> list[Span]:
+    return sorted(
+        (s for s in spans if s.name == "run_in_transaction"),
+        key=lambda s: int(s.attributes["db.transaction.attempt"]),
+    )
+
+
+@dataclass
+class Database:
+    """Where the service's data lives, and how the test holds a lock on an item's row."""
+
+    url: str
+    admin_url: str | None = None  # PostgreSQL: for pg_stat_activity
+    path: Path | None = None  # SQLite: the file
+
+
+def hold_and_release(database: Database, service: Service, item_id: int) -> Iterator[None]:
+    """Hold the item's row (PostgreSQL) or the database (SQLite) while the caller's PATCH
+    runs into it; release once its first attempt failed, so that the second succeeds."""
+    if database.path is not None:
+        writer = sqlite3.connect(database.path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        yield
+        # The first attempt ran past the busy timeout: "database is locked".
+        wait_until(lambda: "transaction attempt 1 of 3 failed" in service.log(), TIMEOUT, "a retry")
+        writer.execute("ROLLBACK")
+        writer.close()
+        return
+    assert database.admin_url is not None
+    with psycopg.connect(database.url) as holder:
+        holder.execute("SELECT 1 FROM items WHERE id = %s FOR UPDATE", (item_id,))
+        yield
+        with psycopg.connect(database.admin_url, autocommit=True) as watcher:
+
+            def patch_waits() -> bool:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%FOR UPDATE%%' AND pid <> %s",
+                    (holder.info.backend_pid,),
+                ).fetchone()
+                return row is not None and row[0] > 0
+
+            wait_until(patch_waits, TIMEOUT, "the PATCH waits for the row")
+        # Changed and committed after the PATCH's snapshot: its attempt fails with 40001.
+        holder.execute("UPDATE items SET name = name || '-held' WHERE id = %s", (item_id,))
+        holder.commit()
+
+
+@dataclass
+class Run:
+    """A scenario's requests, its request ids by name, the trace ids of the exemplars it
+    scraped, and the service, stopped."""
+
+    requests: Requests
+    named: dict[str, str]
+    exemplars: set[str]
+    service: Service
+
+
+def run_scenario(
+    root: Path, tmp_path: Path, database: Database, collector: Collector, **env: str
+) -> Run:
+    """Start the service, send every request of the scenario, stop it (which exports the
+    spans still queued)."""
+    # Every keyword of Service that is not a string is given, so `env` fills only variables.
+    service = Service(
+        root,
+        tmp_path / "stdout.log",
+        app=DEFAULT_APP,
+        workers=1,
+        uvicorn_args=(),
+        stderr_path=tmp_path / "stderr.log",
+        DATABASE_URL=database.url,
+        LOG_FORMAT="json",
+        DB_SLOW_QUERY_MS="0.001",  # every statement logged, with its ids
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        **env,
+    )
+    named: dict[str, str] = {}
+    try:
+        service.start()
+        with httpx.Client(base_url=service.base_url, timeout=TIMEOUT) as client:
+            requests = Requests(client)
+            body = {"name": "traced", "description": BODY_SECRET, "price_cents": 1}
+            named["post"], created = requests.send("POST", "/items", json=body)
+            assert created.status_code == 201, created.text
+            item = f"/items/{created.json()['id']}"
+            caller = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+            named["get"], got = requests.send("GET", item, headers=caller)
+            assert got.status_code == 200, got.text
+            change = {"json": {"description": BODY_SECRET + "-2"}}
+            named["patch"], patched = requests.send(
+                "PATCH", item, headers={"If-Match": got.headers["ETag"]}, **change
+            )
+            assert patched.status_code == 200, patched.text
+            named["404"], missing = requests.send("GET", "/items/999999")
+            assert missing.status_code == 404
+
+            holding = hold_and_release(database, service, created.json()["id"])
+            next(holding)
+            with ThreadPoolExecutor(1) as pool:
+                retried = pool.submit(requests.send, "PATCH", item, json={"price_cents": 2})
+                next(holding, None)
+                named["retried"], answer = retried.result(timeout=TIMEOUT)
+            assert answer.status_code == 200, answer.text
+
+            accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+            scrape = client.get("/metrics", headers=accept)
+            assert scrape.headers["content-type"].startswith("application/openmetrics-text")
+            exemplars = set(re.findall(r' # \{trace_id="([0-9a-f]{32})"\}', scrape.text))
+    finally:
+        service.stop()
+    return Run(requests, named, exemplars, service)
+
+
+def check_scenario(run: Run, collector: Collector, driver: str) -> None:
+    requests, named, service = run.requests, run.named, run.service
+    spans = collector.received()
+    assert spans, f"nothing exported:\n{service.log()[-3000:]}"
+    servers = {request_id: server_span(spans, request_id) for request_id in requests.sent}
+
+    # Named by route templates, never paths; FastAPI's HTTP attributes.
+    for request_id, response in requests.sent.items():
+        server = servers[request_id]
+        method = response.request.method
+        assert server.name == f"{method} /items" or server.name == f"{method} /items/{{item_id}}"
+        assert server.attributes["http.response.status_code"] == response.status_code
+        assert server.status != STATUS_ERROR, server
+        assert server.resource["service.name"] == "my-service"
+    get = servers[named["get"]]
+    assert (get.trace_id, get.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+
+    # Each statement one span (one slow-query line per statement that succeeded), under
+    # the request that sent it, with its database's attributes.
+    lines = [json.loads(line) for line in service.log().splitlines()]
+    for request_id, server in servers.items():
+        below = in_trace(spans, server)
+        sent = [
+            r
+            for r in lines
+            if r["request_id"] == request_id and r["message"].startswith("slow query")
+        ]
+        ok = [s for s in statements(below) if s.status != STATUS_ERROR]
+        assert len(ok) == len(sent), (request_id, [s.name for s in ok], sent)
+        for statement in statements(below):
+            system = "sqlite" if driver == "aiosqlite" else "postgresql"
+            assert statement.attributes["db.system"] == system
+            assert "db.statement" in statement.attributes
+        # Every line the request logged carries its trace and one of its spans.
+        ids = {server.span_id} | {s.span_id for s in below}
+        for record in (r for r in lines if r["request_id"] == request_id):
+            assert record["trace_id"] == server.trace_id, record
+            assert record["span_id"] in ids, record
+    assert statements(in_trace(spans, servers[named["post"]]))
+    assert len(attempts(in_trace(spans, servers[named["patch"]]))) == 1
+
+    # The retried PATCH: two attempts, the first failed by the database's code for it.
+    first, second = attempts(in_trace(spans, servers[named["retried"]]))
+    code = "SQLITE_BUSY" if driver == "aiosqlite" else "40001"
+    assert first.status == STATUS_ERROR
+    assert first.attributes["db.response.status_code"] == code
+    assert second.status != STATUS_ERROR
+    assert "db.response.status_code" not in second.attributes
+
+    # Exemplars of the request histogram are traces the receiver got.
+    assert run.exemplars
+    assert run.exemplars <= {s.trace_id for s in spans}
+
+    exported = repr([(s.name, s.attributes, s.events, s.status_message, s.resource) for s in spans])
+    for secret in (PASSWORD, BODY_SECRET, "postgresql://", "sqlite+aiosqlite://"):
+        assert secret not in exported
+    assert service.stderr() == ""
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_postgresql_requests_are_traced_into_their_statements(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, collector: Collector, driver: str
+) -> None:
+    root = render_synced(
+        tmp_path_factory.mktemp(driver) / "service", db_driver=driver, tracing=True
+    )
+    with throwaway_cluster(password=PASSWORD) as cluster:
+        create_database(cluster.url, "traced")
+        url = with_database(cluster.url, "traced")
+        migrate(root, url)
+        database = Database(url=url, admin_url=cluster.url)
+        run = run_scenario(
+            root, tmp_path, database, collector, DB_ISOLATION_LEVEL="REPEATABLE READ"
+        )
+        check_scenario(run, collector, driver)
+
+        # The database is down: 503, the request's span failed, the failure described.
+        down = Service(
+            root,
+            tmp_path / "down.log",
+            DATABASE_URL=url,
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        )
+        try:
+            down.start()
+            cluster.stop_server()
+            with httpx.Client(base_url=down.base_url, timeout=TIMEOUT) as client:
+                request_id = uuid.uuid4().hex
+                answer = client.get("/items/1", headers={"X-Request-ID": request_id})
+                assert answer.status_code == 503, answer.text
+        finally:
+            down.stop()
+            cluster.start_server()
+            wait_accepting(cluster.url)
+    failed = server_span(collector.received(), request_id)
+    assert failed.status == STATUS_ERROR
+    assert failed.attributes["error.type"] == "503"
+    ((name, exception),) = failed.events
+    assert name == "exception"
+    assert exception["exception.type"] == "sqlalchemy.exc.OperationalError"
+    assert exception["exception.message"]
+    assert PASSWORD not in repr(failed)
+    assert "postgresql://" not in repr(failed)
+
+
+def test_sqlite_requests_are_traced_into_their_statements(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, collector: Collector
+) -> None:
+    root = render_synced(
+        tmp_path_factory.mktemp("sqlite") / "service", db_driver="aiosqlite", tracing=True
+    )
+    path = tmp_path / "traced.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    migrate(root, url)
+    run = run_scenario(root, tmp_path, Database(url=url, path=path), collector)
+    check_scenario(run, collector, "aiosqlite")
+
+
+def test_a_collector_that_is_down_costs_one_line(
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    collector: Collector,
+    pg_admin_url: str,
+) -> None:
+    """Exports fail while requests go on with their answers; the exporter's lines of the
+    whole outage come down to one. Once the collector is back, spans arrive again."""
+    root = render_synced(tmp_path_factory.mktemp("down") / "service", tracing=True)
+    collector.down = True
+    service = Service(
+        root,
+        tmp_path / "stdout.log",
+        stderr_path=tmp_path / "stderr.log",
+        DATABASE_URL=pg_admin_url,
+        LOG_FORMAT="json",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="50",  # an export attempt every 50 ms
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+    )
+    try:
+        service.start()
+        with httpx.Client(base_url=service.base_url, timeout=TIMEOUT) as client:
+
+            def failed_exports_go_on() -> bool:
+                assert client.get("/health").status_code == 200
+                return collector.attempts >= 8
+
+            wait_until(failed_exports_go_on, TIMEOUT, "eight failed export attempts")
+            collector.down = False
+            marker = uuid.uuid4().hex
+            assert client.get("/health", headers={"X-Request-ID": marker}).status_code == 200
+
+            def exported_again() -> bool:
+                return any(
+                    s.attributes.get("http.response.header.x-request-id") == [marker]
+                    for s in collector.received()
+                )
+
+            wait_until(exported_again, TIMEOUT, "the spans of a request after the outage")
+    finally:
+        service.stop()
+    records = [json.loads(line) for line in service.log().splitlines()]
+    exporter = [r for r in records if r["logger"] == EXPORTER_LOGGER]
+    assert len(exporter) == 1, exporter
+    assert exporter[0]["level"] in {"WARNING", "ERROR"}
+    assert service.stderr() == ""
