@@ -62,7 +62,6 @@ BUILD_TIMEOUT = 600.0
 PODMAN_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 BUILD_LABEL = "template-suite.build"
-REMOVE_ATTEMPTS = 3
 STANDIN_PACKAGES = (
     "python3",
     "python3-venv",
@@ -159,23 +158,20 @@ def image_size(tag: str) -> int:
 def remove_image(tag: str) -> None:
     """Remove the image and every intermediate image of its builds (build_image labels
     them with the tag: removing the tag alone leaves the build stage's layers behind);
-    never fails: what cannot be removed is reported as a warning."""
+    never fails: what cannot be removed is reported as a warning. Not beside another podman
+    build or removal: the image store is not safe for that (tests/test_image.py runs its
+    cases on one worker)."""
     error = ""
     with contextlib.suppress(ContainerError):
         podman("rmi", "--force", tag, check=False, timeout=120)
-        # A few tries: a removal that runs beside another one can fail on a shared layer.
-        for attempt in range(REMOVE_ATTEMPTS + 1):
-            label = f"label={BUILD_LABEL}={tag}"
-            listed = podman("images", "--all", "--quiet", "--filter", label)
-            ids = list(dict.fromkeys(listed.stdout.split()))
-            if not ids:
-                return
-            if attempt == REMOVE_ATTEMPTS:
-                break
-            if attempt > 0:
-                time.sleep(1)  # the other removal is still under way
-            result = podman("rmi", "--force", *ids, check=False, timeout=120)
-            error = result.stderr
+        label = f"label={BUILD_LABEL}={tag}"
+        ids = list(
+            dict.fromkeys(podman("images", "--all", "--quiet", "--filter", label).stdout.split())
+        )
+        if ids:
+            error = podman("rmi", "--force", *ids, check=False, timeout=120).stderr
+        if not podman("images", "--all", "--quiet", "--filter", label).stdout.split():
+            return
     warnings.warn(f"images of {tag} were left behind: {error[-1000:]}", stacklevel=2)
 
 
