@@ -2,9 +2,10 @@
 OTLP/HTTP to a receiver this test starts, which decodes them with the OpenTelemetry protocol's
 own messages. Per driver: the span trees of a GET, a POST, a PATCH with If-Match, a 404, a
 retried serialization failure (PostgreSQL's 40001, SQLite's lock) and, on PostgreSQL, a 503
-while the database is down; the caller's trace continued; each statement one span; no bound
-value, password or URL in anything exported; log lines and exemplars pointing at exported
-spans. And a collector that is down: requests keep their answers, one line is logged.
+while the database is down; the same through PgBouncer; the caller's trace continued; each
+statement one span; no bound value, password or URL in anything exported; log lines and
+exemplars pointing at exported spans. And a collector that is down: requests keep their
+answers, one line is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -31,17 +33,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from harness.pgbouncer import PgBouncer, require_pgbouncer
 from harness.services import (
     DEFAULT_APP,
     Service,
     create_database,
     migrate,
     render_synced,
+    scratch_database,
     throwaway_cluster,
     wait_accepting,
     wait_until,
     with_database,
 )
+from harness.system import MissingProgramError
 
 pytestmark = pytest.mark.slow
 
@@ -418,6 +423,35 @@ def test_postgresql_requests_are_traced_into_their_statements(
     assert exception["exception.message"]
     assert PASSWORD not in repr(failed)
     assert "postgresql://" not in repr(failed)
+
+
+def test_statements_through_pgbouncer_stay_with_their_request(
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    collector: Collector,
+    pg_admin_url: str,
+) -> None:
+    """Behind PgBouncer in transaction mode, where each transaction may get another server
+    connection, every statement span is still under the request that sent it."""
+    try:
+        require_pgbouncer()
+    except MissingProgramError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    root = render_synced(
+        tmp_path_factory.mktemp("pooled") / "service", db_pooler="pgbouncer", tracing=True
+    )
+    server = urlsplit(pg_admin_url)
+    with (
+        scratch_database(pg_admin_url, "traced_pgb") as name,
+        PgBouncer(server.port or 5432, server_host=server.hostname or "127.0.0.1") as bouncer,
+    ):
+        # Migrations go to PostgreSQL directly; requests through PgBouncer.
+        migrate(root, with_database(pg_admin_url, name))
+        database = Database(url=bouncer.url(name), admin_url=pg_admin_url)
+        run = run_scenario(
+            root, tmp_path, database, collector, DB_ISOLATION_LEVEL="REPEATABLE READ"
+        )
+    check_scenario(run, collector, "asyncpg")
 
 
 def test_sqlite_requests_are_traced_into_their_statements(
