@@ -185,6 +185,14 @@ def print_load(load: dict[str, Any]) -> None:
     if load["knobs"]:
         print("\n== Knobs / rendered asyncpg with defaults: median (min-max) of rounds")
         print(table(load["knobs"]))
+    if load["tracing"]:
+        sink = load["otlp_sink"]
+        print(
+            "\n== Tracing (rendered with tracing=true) / rendered asyncpg with defaults (no "
+            f"tracing rendered): median (min-max) of rounds; the OTLP sink took {sink['exports']} "
+            f"exports, {sink['bytes']} bytes"
+        )
+        print(table(load["tracing"]))
 
 
 if __name__ == "__main__":

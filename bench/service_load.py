@@ -26,7 +26,12 @@ loaded by wrk over loopback: a warm-up, then the measured run. Cases:
   from the bench's own copy (`bench/apps/handover_pool.py`) at 5 + 10;
 - the pre-ping case: the rendered asyncpg service with SQLAlchemy's `pool_pre_ping` (a round
   trip on every checkout) in place of its own checkout check (DB_POOL_PRE_PING=false);
-- the rendered asyncpg service with one setting changed at a time (the knobs).
+- the rendered asyncpg service with one setting changed at a time (the knobs);
+- the tracing cases: the asyncpg service rendered with `tracing=true` and no
+  OTEL_EXPORTER_OTLP_ENDPOINT (nothing traced), with an endpoint and the sampler
+  `always_off` (spans made for none), and with `always_on` (every span made and sent), to a
+  sink in the bench process that answers every export with 200 (what a collector's receiver
+  does, without its processing). Against the default service, which renders no tracing.
 
 Every rendered service runs as `uvicorn --factory <package>.main:create_app` (or the factory
 of `bench/apps/rendered_pool.py` around it); the reference apps as `module:app`.
@@ -62,9 +67,11 @@ import shutil
 import sqlite3
 import statistics
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +130,7 @@ class Case:
     """One app under one configuration, loaded on one endpoint."""
 
     name: str
-    group: str  # "rendered", "baseline", "reference", "pool", "pre-ping" or "knob"
+    group: str  # "rendered", "baseline", "reference", "pool", "pre-ping", "knob" or "tracing"
     driver: str  # whose rendered environment runs it
     endpoint: str  # "GET /items/{id}" or "POST /items"
     # `module:factory` for uvicorn --factory, or `module:app` when `factory` is false.
@@ -242,18 +249,30 @@ class Bench:
         # The revision rendered for the current services ("HEAD": the working tree).
         self.template_ref = template_ref
         self.roots: dict[str, Path] = {}
+        # The OTLP sink of the tracing cases.
+        self.sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        self.sink_port = self.sink.server_address[1]
+        threading.Thread(target=self.sink.serve_forever, daemon=True).start()
 
     def prepare(self, cases: list[Case]) -> None:
         """Render and install the projects `cases` run in (the asyncpg one always: the default
         service's), and prepare their databases."""
         needed = {"asyncpg", *(c.project or c.driver for c in cases)}
         projects = {driver: (driver, self.template_ref) for driver in DRIVERS if driver in needed}
+        if TRACING_PROJECT in needed:
+            projects[TRACING_PROJECT] = ("asyncpg", self.template_ref)
         if self.baseline is not None and baseline_project(self.baseline[0]) in needed:
             label, revision = self.baseline
             projects[baseline_project(label)] = ("asyncpg", revision)
         for n, (project, (driver, revision)) in enumerate(projects.items()):
+            # Only the tracing project is given the answer: earlier releases have no such question.
+            extra: dict[str, Any] = {"tracing": True} if project == TRACING_PROJECT else {}
             root = render(
-                self.work / f"project-{n}", vcs_ref=revision, db_driver=driver, with_example=True
+                self.work / f"project-{n}",
+                vcs_ref=revision,
+                db_driver=driver,
+                with_example=True,
+                **extra,
             )
             run(["uv", "sync", "--quiet", "--no-dev"], root, clean_env())
             self.roots[project] = root
@@ -275,6 +294,7 @@ class Bench:
                 )
 
     def cleanup(self) -> None:
+        self.sink.shutdown()
         drop_database(self.admin_url, self.database)
 
     def url(self, driver: str) -> str:
@@ -286,7 +306,7 @@ class Bench:
         root = self.roots[case.project or case.driver]
         database_url = self.url(case.driver)
         env = {"DATABASE_URL": database_url}
-        env.update(case.env)
+        env.update({name: value.format(port=self.sink_port) for name, value in case.env.items()})
         if not case.app.startswith("my_service."):
             env["PYTHONPATH"] = str(APPS_DIR)
         slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
@@ -370,6 +390,29 @@ NO_TURNS = {"DB_POOL_SIZE": "1000", "DB_MAX_OVERFLOW": "0"}
 PRE_PING = "SQLAlchemy pool_pre_ping"
 # rendered_pool.py builds the rendered service through its factory, on another pool.
 RENDERED_POOL_APP = "rendered_pool:create_app"
+# The project rendered with tracing=true, and the OTLP sink's address in the cases' variables.
+TRACING_PROJECT = "asyncpg+tracing"
+SINK = "http://127.0.0.1:{port}"
+
+
+class Sink(BaseHTTPRequestHandler):
+    """Takes every OTLP/HTTP export and answers 200 with an empty (valid) protobuf response;
+    counts the exports and their bytes."""
+
+    exports = 0
+    received = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        Sink.exports += 1
+        Sink.received += len(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def baseline_project(label: str) -> str:
@@ -440,6 +483,22 @@ def cases(baseline: str | None = None) -> list[Case]:
         found.append(
             Case(f"asyncpg, {label}", "knob", "asyncpg", endpoints[0], env=env, tags=("knobs",))
         )
+    tracing = {
+        "tracing, no endpoint": {},
+        "tracing, sampler always_off": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": SINK,
+            "OTEL_TRACES_SAMPLER": "always_off",
+        },
+        "tracing, sampler always_on": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": SINK,
+            "OTEL_TRACES_SAMPLER": "always_on",
+        },
+    }
+    for endpoint in endpoints:
+        for label, env in tracing.items():
+            found.append(
+                Case(label, "tracing", "asyncpg", endpoint, env=env, project=TRACING_PROJECT)
+            )
     found.append(
         Case(
             "asyncpg, pool size 20",
@@ -737,6 +796,8 @@ def run_all(
         "pool": pool_table(by_round, default_runs),
         "pre_ping": against_default(by_round, "pre-ping"),
         "knobs": against_default(by_round, "knob"),
+        "tracing": against_default(by_round, "tracing"),
+        "otlp_sink": {"exports": Sink.exports, "bytes": Sink.received},
         "all_rounds": [
             [
                 {
