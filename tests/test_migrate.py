@@ -258,18 +258,33 @@ def test_migrators_started_at_once_apply_each_revision_once(
 
 
 @dataclass
-class Writes:
-    """Writes to items, one at a time on a connection of their own, until stopped: an INSERT,
-    then an UPDATE of an older row. Each is kept as (started, ended, error)."""
+class Background:
+    """Work on the database in a thread of its own (`_run`), until `finish()`."""
 
     url: str
-    done: list[tuple[float, float, str | None]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _join(self) -> None:
+        self.stop.set()
+        assert self.thread is not None
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), f"{type(self).__name__} did not stop"
+
+
+@dataclass
+class Writes(Background):
+    """Writes to items, one at a time on a connection of their own, until stopped: an INSERT,
+    then an UPDATE of an older row. Each is kept as (started, ended, error)."""
+
+    done: list[tuple[float, float, str | None]] = field(default_factory=list)
 
     def _run(self) -> None:
         with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
@@ -289,25 +304,15 @@ class Writes:
                     self.done.append((started, time.monotonic(), error))
 
     def finish(self) -> None:
-        self.stop.set()
-        assert self.thread is not None
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "the writes did not stop"
+        self._join()
 
 
 @dataclass
-class BuildWatch:
+class BuildWatch(Background):
     """When an index build ran on the database, from pg_stat_progress_create_index, polled
     on a connection of its own until stopped."""
 
-    url: str
     seen: list[tuple[float, str]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
     def _run(self) -> None:
         with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
@@ -319,9 +324,7 @@ class BuildWatch:
                 self.seen.extend((time.monotonic(), row[0]) for row in rows)
 
     def finish(self) -> tuple[float, float]:
-        self.stop.set()
-        assert self.thread is not None
-        self.thread.join(timeout=30)
+        self._join()
         assert self.seen, "no index build was seen in pg_stat_progress_create_index"
         return self.seen[0][0], self.seen[-1][0]
 
