@@ -5,17 +5,22 @@ retried serialization failure (PostgreSQL's 40001, SQLite's lock) and, on Postgr
 while the database is down; the same through PgBouncer; the caller's trace continued; each
 statement one span; no bound value, password or URL in anything exported; log lines and
 exemplars pointing at exported spans. And a collector that is down: requests keep their
-answers, one line is logged.
+answers, one line is logged; one that never answers: the spans wait in a bounded queue, and
+the service's memory stops growing under load (against a control without the bound).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
+import socket
 import sqlite3
+import subprocess
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from harness.services import (
     DEFAULT_APP,
     Service,
     create_database,
+    drive_load,
     migrate,
     render_synced,
     scratch_database,
@@ -513,4 +519,85 @@ def test_a_collector_that_is_down_costs_one_line(
     exporter = [r for r in records if r["logger"] == EXPORTER_LOGGER]
     assert len(exporter) == 1, exporter
     assert exporter[0]["level"] in {"WARNING", "ERROR"}
+    assert service.stderr() == ""
+
+
+# Requests per load round of the next test, and the growth of the service's resident memory
+# over its last two rounds that tells a bounded span queue from one that keeps every span.
+ROUND_REQUESTS = 1500
+GROWTH_LIMIT_KIB = 4 * 1024
+
+
+def resident_kib(service: Service) -> int:
+    """The resident memory of the service's largest process (uvicorn's, under `uv run`)."""
+    assert service.proc is not None
+    sizes = subprocess.run(
+        ["ps", "-o", "rss=", "--sid", str(service.proc.pid)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return max(int(size) for size in sizes)
+
+
+@pytest.mark.parametrize(
+    ("queue", "bounded"), [(512, True), (1_000_000, False)], ids=["bounded", "control"]
+)
+def test_a_collector_that_never_answers_leaves_memory_bounded(
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    pg_admin_url: str,
+    queue: int,
+    bounded: bool,
+) -> None:
+    """A collector that takes the connection and never answers, as behind a firewall that
+    drops: every request keeps its answer while the spans wait in OTEL_BSP_MAX_QUEUE_SIZE,
+    and once the queue is full the service's memory stops growing. The control, a queue
+    larger than the whole run, grows with every request: what the bound prevents."""
+    root = render_synced(tmp_path_factory.mktemp("silent") / "service", tracing=True)
+    statuses: Counter[int] = Counter()
+
+    async def get(client: httpx.AsyncClient, _n: int) -> None:
+        statuses[(await client.get("/items/1")).status_code] += 1
+
+    with (
+        scratch_database(pg_admin_url, "traced_silent") as name,
+        socket.create_server(("127.0.0.1", 0), backlog=1) as silent,
+    ):
+        migrate(root, with_database(pg_admin_url, name))
+        service = Service(
+            root,
+            tmp_path / "stdout.log",
+            stderr_path=tmp_path / "stderr.log",
+            DATABASE_URL=with_database(pg_admin_url, name),
+            LOG_FORMAT="json",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            OTEL_EXPORTER_OTLP_TIMEOUT="600",  # each export waits for the whole test
+            OTEL_BSP_MAX_QUEUE_SIZE=str(queue),
+        )
+        resident = []
+        try:
+            service.start()
+            item = {"name": "one", "price_cents": 1}
+            created = httpx.post(f"{service.base_url}/items", json=item, timeout=TIMEOUT)
+            assert created.status_code == 201, created.text
+            assert created.json()["id"] == 1
+            for _ in range(3):
+                load = drive_load(
+                    service.base_url, ROUND_REQUESTS, 16, get, request_timeout=TIMEOUT, timeout=300
+                )
+                asyncio.run(load)
+                resident.append(resident_kib(service))
+        finally:
+            service.stop()
+    assert statuses == {200: 3 * ROUND_REQUESTS}
+    growth = resident[2] - resident[1]
+    if bounded:
+        assert growth < GROWTH_LIMIT_KIB, f"resident KiB after each round: {resident}"
+        records = [json.loads(line) for line in service.log().splitlines()]
+        # One line for the whole outage, where the SDK writes one every 20 s.
+        dropping = [r for r in records if r["message"].startswith("Queue full")]
+        assert len(dropping) == 1, dropping
+    else:
+        assert growth > GROWTH_LIMIT_KIB, f"resident KiB after each round: {resident}"
     assert service.stderr() == ""
