@@ -64,7 +64,8 @@ def variant_id(data: dict[str, Any]) -> str:
     metrics = "-metrics" if data.get("metrics", True) else ""
     replica = "-replica" if data.get("read_replica", False) else ""
     tracing = "-tracing" if data.get("tracing", False) else ""
-    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}{replica}{tracing}"
+    pooler = "-pgbouncer" if data.get("db_pooler") == "pgbouncer" else ""
+    return f"{data['db_driver']}-{data['migrations']}-{example}{metrics}{replica}{tracing}{pooler}"
 
 
 def render(

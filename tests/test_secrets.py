@@ -1,7 +1,8 @@
 """Secrets stay secret: the rendered service's output (DB_ECHO, debug logs, slow-query lines,
-an outage, in text and JSON), its answers, and the messages and reprs of its settings and
-errors (tests/programs/secrets_probe.py) hold no password, no URL with a user in it, and
-(but for answers) no value a request sent.
+an outage, in text and JSON), its answers, the spans it exports (tracing, to a real OTLP
+receiver), and the messages and reprs of its settings and errors
+(tests/programs/secrets_probe.py) hold no password, no URL with a user in it, and (but for
+answers) no value a request sent.
 
 The module's tests share one rendered project and one throwaway cluster with passwords
 (module-scoped fixtures, one pytest-xdist worker); the service runs under uvicorn as a
@@ -25,6 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from harness.otlp import CLIENT, SERVER, Collector, Span
 from harness.rendering import clean_env
 from harness.services import (
     UV_RUN,
@@ -105,7 +107,9 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    project = render_synced(tmp_path_factory.mktemp("secrets") / "service", read_replica=True)
+    project = render_synced(
+        tmp_path_factory.mktemp("secrets") / "service", read_replica=True, tracing=True
+    )
     token = uuid.uuid4().hex
     # Characters that a URL must escape, so that both spellings are searched for.
     password = f"Pw-{uuid.uuid4().hex[:12]}-@:/%"
@@ -153,6 +157,7 @@ class Served:
     statuses: list[tuple[str, int, int]] = field(default_factory=list)  # call, expected, got
     stdout: str = ""
     stderr: str = ""
+    spans: list[Span] = field(default_factory=list)
 
     def exchange(
         self, client: httpx.Client, method: str, path: str, expected: int | None, **kwargs: Any
@@ -168,16 +173,29 @@ class Served:
         return response
 
 
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    receiver = Collector()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
 @pytest.fixture(scope="module", params=LOG_FORMATS)
 def served(
-    request: pytest.FixtureRequest, setup: Setup, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    setup: Setup,
+    collector: Collector,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Served:
-    """The service with DB_ECHO, debug logs, every query counted as slow and the log format
-    of the parameter: items written and read, a duplicate, health and metrics, then the same
-    while the cluster is down, then again once it is back."""
+    """The service with DB_ECHO, debug logs, every query counted as slow, every request
+    traced and the log format of the parameter: items written and read, a duplicate, health
+    and metrics, then the same while the cluster is down, then again once it is back."""
     log_format: str = request.param
     logs = tmp_path_factory.mktemp(f"secrets-{log_format}")
     served = Served()
+    before = len(collector.received())
     service = Service(
         setup.project,
         logs / "out",
@@ -187,6 +205,7 @@ def served(
         LOG_LEVEL="DEBUG",
         LOG_FORMAT=log_format,
         DB_SLOW_QUERY_MS="0.001",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
     )
     try:
         service.start()
@@ -226,6 +245,8 @@ def served(
     finally:
         service.stop()
     served.stdout, served.stderr = service.log(), service.stderr()
+    # Stopping the service sent the spans still queued.
+    served.spans = collector.received()[before:]
     return served
 
 
@@ -271,6 +292,33 @@ def test_no_secret_or_value_in_the_service_output(served: Served, setup: Setup) 
     outputs = {"stdout": served.stdout, "stderr": served.stderr}
     problems = setup.secrets.leaks_by_line(outputs, values=True, urls=True)
     assert not problems, "\n".join(problems[:20])
+
+
+def test_no_secret_or_value_in_the_exported_spans(served: Served, setup: Setup) -> None:
+    statements = [s for s in served.spans if s.kind == CLIENT]
+    assert any("INSERT INTO items" in str(s.attributes["db.statement"]) for s in statements)
+    assert any(s.status_message for s in served.spans), "no failed span (the outage)"
+    exported = {
+        f"span {span.name}": repr(
+            [span.attributes, span.events, span.status_message, span.resource]
+        )
+        for span in served.spans
+    }
+    problems = setup.secrets.leaks_by_line(exported, values=True, urls=True)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_reads_are_spans_of_the_read_engine(served: Served) -> None:
+    """Through uvicorn, each statement span names the role of the engine that sent it: a
+    read's, DATABASE_READ_URL's user; a write's, DATABASE_URL's."""
+    routes = {s.trace_id: s.name for s in served.spans if s.kind == SERVER}
+    users: dict[str, set[str]] = {}
+    for span in served.spans:
+        if span.kind == CLIENT and span.trace_id in routes:
+            users.setdefault(routes[span.trace_id], set()).add(span.attributes["db.user"])
+    assert users["GET /items/{item_id}"] == {"reader"}, users
+    assert users["GET /items"] == {"reader"}, users
+    assert users["POST /items"] == {"postgres"}, users
 
 
 def test_no_password_or_url_in_answers(served: Served, setup: Setup) -> None:
