@@ -31,7 +31,9 @@ loaded by wrk over loopback: a warm-up, then the measured run. Cases:
   OTEL_EXPORTER_OTLP_ENDPOINT (nothing traced), with an endpoint and the sampler
   `always_off` (spans made for none), and with `always_on` (every span made and sent), to a
   sink in the bench process that answers every export with 200 (what a collector's receiver
-  does, without its processing). Against the default service, which renders no tracing.
+  does, without its processing); and `always_on` to a collector that never answers (a
+  listening socket nothing accepts from). Against the default service, which renders no
+  tracing.
 
 Every rendered service runs as `uvicorn --factory <package>.main:create_app` (or the factory
 of `bench/apps/rendered_pool.py` around it); the reference apps as `module:app`.
@@ -64,6 +66,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -253,6 +256,9 @@ class Bench:
         self.sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
         self.sink_port = self.sink.server_address[1]
         threading.Thread(target=self.sink.serve_forever, daemon=True).start()
+        # A collector that takes connections and never answers (one behind a dropping
+        # firewall): nothing accepts them, and the kernel's backlog holds the first.
+        self.silent = socket.create_server(("127.0.0.1", 0), backlog=1)
 
     def prepare(self, cases: list[Case]) -> None:
         """Render and install the projects `cases` run in (the asyncpg one always: the default
@@ -295,6 +301,7 @@ class Bench:
 
     def cleanup(self) -> None:
         self.sink.shutdown()
+        self.silent.close()
         drop_database(self.admin_url, self.database)
 
     def url(self, driver: str) -> str:
@@ -306,7 +313,8 @@ class Bench:
         root = self.roots[case.project or case.driver]
         database_url = self.url(case.driver)
         env = {"DATABASE_URL": database_url}
-        env.update({name: value.format(port=self.sink_port) for name, value in case.env.items()})
+        ports = {"port": self.sink_port, "silent": self.silent.getsockname()[1]}
+        env.update({name: value.format(**ports) for name, value in case.env.items()})
         if not case.app.startswith("my_service."):
             env["PYTHONPATH"] = str(APPS_DIR)
         slug = case.name.replace(" ", "_").replace(",", "").replace("/", "_")
@@ -393,6 +401,7 @@ RENDERED_POOL_APP = "rendered_pool:create_app"
 # The project rendered with tracing=true, and the OTLP sink's address in the cases' variables.
 TRACING_PROJECT = "asyncpg+tracing"
 SINK = "http://127.0.0.1:{port}"
+SILENT = "http://127.0.0.1:{silent}"
 
 
 class Sink(BaseHTTPRequestHandler):
@@ -491,6 +500,10 @@ def cases(baseline: str | None = None) -> list[Case]:
         },
         "tracing, sampler always_on": {
             "OTEL_EXPORTER_OTLP_ENDPOINT": SINK,
+            "OTEL_TRACES_SAMPLER": "always_on",
+        },
+        "tracing, always_on, collector silent": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": SILENT,
             "OTEL_TRACES_SAMPLER": "always_on",
         },
     }
