@@ -63,9 +63,10 @@ def main() -> None:
         epilog="Load cases (for --only, any part of a name): rendered asyncpg | psycopg | "
         "aiosqlite, rendered asyncpg @<baseline>, (a) raw asyncpg, (b) sync SQLAlchemy + "
         "psycopg, (c) plain async SQLAlchemy, (d) peer template session, (d+) equipped peer, "
-        "pool (ii) | (iii) | (iv) ..., SQLAlchemy pool_pre_ping, and the knobs 'asyncpg, "
-        "<setting>'. Words that select groups: references ((a)-(d+)), peers ((d), (d+)), "
-        "pools ((ii)-(iv)), pre-ping, knobs, baseline. Example: bench/run --rounds 3 "
+        "pool (ii) | (iii) | (iv) ..., SQLAlchemy pool_pre_ping, the knobs 'asyncpg, "
+        "<setting>', the tracing cases and 'layer: <layer>'. Words that select groups: "
+        "references ((a)-(d+)), peers ((a), (d), (d+)), pools ((ii)-(iv)), pre-ping, knobs, "
+        "baseline, layers (the six layers and (a)). Example: bench/run --rounds 3 "
         "--baseline none --only peers --only pools --only pre-ping",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
@@ -193,6 +194,13 @@ def print_load(load: dict[str, Any]) -> None:
             f"exports, {sink['bytes']} bytes"
         )
         print(table(load["tracing"]))
+    if load["layers"]:
+        print(
+            "\n== The rendered service layer by layer (bench/apps/layers.py): req/s and service "
+            "CPU per request, medians of rounds; added_cpu_us: what the layer adds to the one "
+            "above it; (a), the raw-driver app, is the limit"
+        )
+        print(table(load["layers"]))
 
 
 if __name__ == "__main__":

@@ -398,6 +398,9 @@ NO_TURNS = {"DB_POOL_SIZE": "1000", "DB_MAX_OVERFLOW": "0"}
 PRE_PING = "SQLAlchemy pool_pre_ping"
 # rendered_pool.py builds the rendered service through its factory, on another pool.
 RENDERED_POOL_APP = "rendered_pool:create_app"
+# The rendered service one layer at a time (apps/layers.py), in the order each adds to the last.
+LAYERS_APP = "layers:create_app"
+LAYERS = ("framework", "middlewares", "checkout", "statement", "orm", "service")
 # The project rendered with tracing=true, and the OTLP sink's address in the cases' variables.
 TRACING_PROJECT = "asyncpg+tracing"
 SINK = "http://127.0.0.1:{port}"
@@ -434,6 +437,8 @@ def cases(baseline: str | None = None) -> list[Case]:
     found: list[Case] = []
     references = ("references",)
     peers = ("references", "peers")
+    # The raw-driver app is the limit of the per-layer table, and a peer of the targets.
+    raw = ("references", "peers", "layers")
     for endpoint in endpoints:
         for driver in DRIVERS:
             found.append(Case(f"rendered {driver}", "rendered", driver, endpoint))
@@ -449,7 +454,7 @@ def cases(baseline: str | None = None) -> list[Case]:
                 )
             )
         for name, driver, app, tags in (
-            (RAW, "asyncpg", "raw_asyncpg:app", references),
+            (RAW, "asyncpg", "raw_asyncpg:app", raw),
             (SYNC, "psycopg", "sync_sqlalchemy:app", references),
             (PLAIN, "asyncpg", "plain_sqlalchemy:app", references),
             (PEER, "asyncpg", "peer_template:app", peers),
@@ -468,6 +473,18 @@ def cases(baseline: str | None = None) -> list[Case]:
                     app=RENDERED_POOL_APP,
                     env={"BENCH_POOL_CASE": pool_case, **NO_TURNS},
                     tags=("pools",),
+                )
+            )
+        for layer in LAYERS:
+            found.append(
+                Case(
+                    f"layer: {layer}",
+                    "layer",
+                    "asyncpg",
+                    endpoint,
+                    app=LAYERS_APP,
+                    env={"BENCH_LAYER": layer},
+                    tags=("layers",),
                 )
             )
         found.append(
@@ -669,11 +686,38 @@ def pool_table(rounds: list[Round], default_runs: dict[str, list[Result]]) -> li
 # The rendered asyncpg service's targets against the peers: (label, reference, figure, the
 # comparison the ratio rendered / reference must pass, the bound).
 TARGETS = (
-    ("req/s, rendered / (d+)", EQUIPPED, "rps", ">=", 1.20),
-    ("req/s, rendered / (d)", PEER, "rps", ">=", 1.00),
+    ("req/s, rendered / (d+)", EQUIPPED, "rps", ">=", 1.25),
+    ("req/s, rendered / (d)", PEER, "rps", ">=", 1.10),
     ("p99, rendered / (d+)", EQUIPPED, "p99_ms", "<=", 0.70),
     ("connections opened, rendered / (d)", PEER, "connections_opened", "<=", 0.10),
+    ("req/s, rendered / (a) raw asyncpg", RAW, "rps", ">=", 0.33),
 )
+
+
+def layer_table(rounds: list[Round]) -> list[dict[str, Any]]:
+    """Per endpoint, each layer's req/s and CPU time per request (medians of rounds), and
+    what it adds to the layer before it; the raw-driver app last, as the limit."""
+    rows = []
+    endpoints = dict.fromkeys(endpoint for _, endpoint in rounds[0])
+    for endpoint in endpoints:
+        before: float | None = None
+        for name in [f"layer: {layer}" for layer in LAYERS] + [RAW]:
+            key = (name, endpoint)
+            if key not in rounds[0]:
+                continue
+            cpu = statistics.median(r[key][0].cpu_us for r in rounds)
+            layer = name != RAW
+            rows.append(
+                {
+                    "endpoint": endpoint,
+                    "name": name,
+                    "rps": median_figure([r[key][0].rps for r in rounds]),
+                    "cpu_us": round(cpu),
+                    "added_cpu_us": round(cpu - before) if layer and before is not None else None,
+                }
+            )
+            before = cpu if layer else before
+    return rows
 
 
 def median_figure(values: list[float]) -> float | int:
@@ -810,6 +854,7 @@ def run_all(
         "pre_ping": against_default(by_round, "pre-ping"),
         "knobs": against_default(by_round, "knob"),
         "tracing": against_default(by_round, "tracing"),
+        "layers": layer_table(by_round),
         "otlp_sink": {"exports": Sink.exports, "bytes": Sink.received},
         "all_rounds": [
             [
