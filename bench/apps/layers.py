@@ -41,6 +41,10 @@ CONSTANT = {"id": 1, "name": "constant", "description": None, "price_cents": 1}
 COLUMNS = (Item.id, Item.name, Item.description, Item.price_cents, Item.created_at)
 
 
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
 async def constant_get(item_id: int) -> dict[str, Any]:
     return CONSTANT
 
@@ -102,7 +106,7 @@ def create_app() -> FastAPI:
         raise SystemExit(f"BENCH_LAYER must be one of {', '.join(LAYERS)} (got {layer!r})")
     if layer == "framework":
         app = FastAPI()
-        app.add_api_route("/health", constant_get, methods=["GET"])
+        app.add_api_route("/health", health, methods=["GET"])
     else:
         app = create_service()
     if layer == "service":
