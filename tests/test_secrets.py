@@ -175,11 +175,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def collector() -> Iterator[Collector]:
-    receiver = Collector()
-    try:
+    with Collector() as receiver:
         yield receiver
-    finally:
-        receiver.close()
 
 
 @pytest.fixture(scope="module", params=LOG_FORMATS)

@@ -60,11 +60,8 @@ TIMEOUT = 30.0
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    receiver = Collector()
-    try:
+    with Collector() as receiver:
         yield receiver
-    finally:
-        receiver.close()
 
 
 class Requests:
