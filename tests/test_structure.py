@@ -200,7 +200,7 @@ def test_dependencies_are_exactly_what_the_variant_needs(
         "pydantic-settings",
         "sqlalchemy[asyncio]",
     }
-    expected |= {"asgi-correlation-id", "python-json-logger"}
+    expected |= {"python-json-logger"}
     expected.add(DRIVER_PACKAGES[data["db_driver"]])
     if data["migrations"] == "alembic":
         expected.add("alembic")
