@@ -1,5 +1,5 @@
 """Forms of the example's reads and writes, in the rendered service's stack: what each costs
-(bench/README.md, "Which form for a read"). Driven by `bench/route_costs.py`.
+(bench/README.md, "Which form for a statement"). Driven by `bench/route_costs.py`.
 
 GET routes read item `{item_id}` and answer it as `GET /items/{item_id}` does (ItemRead, ETag):
 
@@ -12,7 +12,8 @@ GET routes read item `{item_id}` and answer it as `GET /items/{item_id}` does (I
 - `connection-in-handler`: the same with the connection opened in the handler.
 
 POST routes create an item through `SessionDep`: `post-orm` with `session.add` and a flush
-(the example), `post-core` with an INSERT ... RETURNING built once.
+(the example), `post-core` with an INSERT ... RETURNING built once, run by the session (the
+ORM's bulk-insert path), `post-connection` the same on the session's connection (Core alone).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ COLUMNS = (Item.id, Item.name, Item.description, Item.price_cents, Item.created_
 ONE = select(*COLUMNS).where(Item.id == bindparam("id"))
 ONE_ENTITY = select(Item).where(Item.id == bindparam("id"))
 INSERT = insert(Item).returning(*COLUMNS)
+INSERT_RAW = INSERT.execution_options(dml_strategy="raw")
 
 
 def answer(found: Item | Row[Any] | None, response: Response) -> ItemRead:
@@ -101,6 +103,15 @@ async def post_core(body: ItemCreate, session: SessionDep, response: Response) -
     return answer((await session.execute(INSERT, body.model_dump())).one(), response)
 
 
+async def post_raw(body: ItemCreate, session: SessionDep, response: Response) -> ItemRead:
+    return answer((await session.execute(INSERT_RAW, body.model_dump())).one(), response)
+
+
+async def post_connection(body: ItemCreate, session: SessionDep, response: Response) -> ItemRead:
+    connection = await session.connection()
+    return answer((await connection.execute(INSERT, body.model_dump())).one(), response)
+
+
 ROUTES: dict[str, Callable[..., Any]] = {
     "session-get": session_get,
     "built-select": built_select,
@@ -117,4 +128,6 @@ def create_app() -> FastAPI:
         app.add_api_route(f"/{name}/{{item_id}}", route, methods=["GET"])
     app.add_api_route("/post-orm", post_orm, methods=["POST"], status_code=201)
     app.add_api_route("/post-core", post_core, methods=["POST"], status_code=201)
+    app.add_api_route("/post-raw", post_raw, methods=["POST"], status_code=201)
+    app.add_api_route("/post-connection", post_connection, methods=["POST"], status_code=201)
     return app
