@@ -14,8 +14,8 @@ one before is what that thing costs:
 - `checkout`: the rendered session dependency (ReadSessionDep for GET, SessionDep for POST:
   turns, pool checkout and its check, commit) and a connection from it; still a constant;
 - `statement`: one Core statement through that session, the example's columns, no ORM
-  object (for POST an INSERT ... RETURNING, committed by the dependency), built once at import
-  with its values bound per request, as the example's;
+  object (for POST an INSERT ... RETURNING run raw, committed by the dependency), built once
+  at import with its values bound per request, as the example's;
 - `orm`: the ORM instead (`session.get`; `session.add` and a flush), the row as a plain dict;
 - `service`: the rendered routes themselves (serialization into ItemRead, the ETag).
 
@@ -67,7 +67,7 @@ async def checkout_post(body: ItemCreate, session: SessionDep) -> dict[str, Any]
 # Built once, as the example's statements (api/items.py): a statement built in the handler
 # costs its construction and its cache key in every request.
 ONE = select(*COLUMNS).where(Item.id == bindparam("id"))
-INSERT = insert(Item).returning(*COLUMNS)
+INSERT = insert(Item).returning(*COLUMNS).execution_options(dml_strategy="raw")
 
 
 async def statement_get(item_id: int, session: ReadSessionDep) -> dict[str, Any]:
