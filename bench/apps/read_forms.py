@@ -12,8 +12,9 @@ GET routes read item `{item_id}` and answer it as `GET /items/{item_id}` does (I
 - `connection-in-handler`: the same with the connection opened in the handler.
 
 POST routes create an item through `SessionDep`: `post-orm` with `session.add` and a flush
-(the example), `post-core` with an INSERT ... RETURNING built once, run by the session (the
-ORM's bulk-insert path), `post-connection` the same on the session's connection (Core alone).
+(the example up to 0.4.0), `post-core` with an INSERT ... RETURNING built once, run by the
+session (the ORM's bulk-insert path), `post-raw` the same with `dml_strategy="raw"` (the
+example), `post-connection` the same on the session's connection (Core alone).
 """
 
 from __future__ import annotations
