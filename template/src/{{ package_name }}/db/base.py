@@ -1,6 +1,8 @@
 """Declarative base whose metadata names every constraint and index predictably."""
 
-from sqlalchemy import MetaData
+from typing import ClassVar
+
+from sqlalchemy import MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
 # Predictable names let Alembic drop and alter constraints it did not create itself.
@@ -18,3 +20,4 @@ class Base(DeclarativeBase):
     """Base class of every ORM model of the service."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    __table__: ClassVar[Table]  # each model maps one table, for Core statements on it
