@@ -13,8 +13,8 @@ one before is what that thing costs:
   (`create_app()`: request id, HEAD, metrics, body limit, error answers), ahead of its routes;
 - `checkout`: the rendered session dependency (ReadSessionDep for GET, SessionDep for POST:
   turns, pool checkout and its check, commit) and a connection from it; still a constant;
-- `statement`: one Core statement through that session, the example's columns, no ORM
-  object (for POST an INSERT ... RETURNING run raw, committed by the dependency), built once
+- `statement`: one Core statement on the table through that session, the example's columns,
+  no ORM object (for POST an INSERT ... RETURNING, committed by the dependency), built once
   at import with its values bound per request, as the example's;
 - `orm`: the ORM instead (`session.get`; `session.add` and a flush), the row as a plain dict;
 - `service`: the rendered routes themselves (serialization into ItemRead, the ETag).
@@ -64,10 +64,12 @@ async def checkout_post(body: ItemCreate, session: SessionDep) -> dict[str, Any]
     return CONSTANT
 
 
-# Built once, as the example's statements (api/items.py): a statement built in the handler
-# costs its construction and its cache key in every request.
-ONE = select(*COLUMNS).where(Item.id == bindparam("id"))
-INSERT = insert(Item).returning(*COLUMNS).execution_options(dml_strategy="raw")
+# Built once on the table, as the example's statements (api/items.py): a statement built in
+# the handler costs its construction and its cache key in every request, and one naming the
+# model class takes the session's ORM path.
+ITEMS = Item.__table__
+ONE = select(*(ITEMS.c[column.key] for column in COLUMNS)).where(ITEMS.c.id == bindparam("id"))
+INSERT = insert(ITEMS).returning(*(ITEMS.c[column.key] for column in COLUMNS))
 
 
 async def statement_get(item_id: int, session: ReadSessionDep) -> dict[str, Any]:

@@ -5,7 +5,9 @@ GET routes read item `{item_id}` and answer it as `GET /items/{item_id}` does (I
 
 - `session-get`: `session.get(Item, id)` through `ReadSessionDep` (the example up to 0.4.0);
 - `built-select`: a `select()` of the columns, built in the handler, through `ReadSessionDep`;
-- `built-once`: the same statement built once at import, the id bound per request (the example);
+- `built-once`: the same statement built once at import, the id bound per request;
+- `built-once-table`: `built-once` on the model's Table (`Item.__table__`), not on the class:
+  a Core statement, no ORM plugin in the session's execute (the example);
 - `built-once-entity`: `select(Item)` built once: ORM objects, the statement not rebuilt;
 - `connection-dependency`: `built-once` on an `AsyncConnection` from a yield dependency taking
   the service's turns (no session);
@@ -13,8 +15,9 @@ GET routes read item `{item_id}` and answer it as `GET /items/{item_id}` does (I
 
 POST routes create an item through `SessionDep`: `post-orm` with `session.add` and a flush
 (the example up to 0.4.0), `post-core` with an INSERT ... RETURNING built once, run by the
-session (the ORM's bulk-insert path), `post-raw` the same with `dml_strategy="raw"` (the
-example), `post-connection` the same on the session's connection (Core alone).
+session (the ORM's bulk-insert path), `post-raw` the same with `dml_strategy="raw"`,
+`post-table` the INSERT on the model's Table, run by the session (the
+example), `post-connection` the class's INSERT on the session's connection (Core alone).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ ONE = select(*COLUMNS).where(Item.id == bindparam("id"))
 ONE_ENTITY = select(Item).where(Item.id == bindparam("id"))
 INSERT = insert(Item).returning(*COLUMNS)
 INSERT_RAW = INSERT.execution_options(dml_strategy="raw")
+# The same on the Table: Core statements, no ORM plugin in the session's execute.
+ITEMS = Item.__table__
+ONE_TABLE = select(*ITEMS.c).where(ITEMS.c.id == bindparam("id"))
+INSERT_TABLE = insert(ITEMS).returning(*ITEMS.c)
 
 
 def answer(found: Item | Row[Any] | None, response: Response) -> ItemRead:
@@ -58,6 +65,10 @@ async def built_select(item_id: int, session: ReadSessionDep, response: Response
 
 async def built_once(item_id: int, session: ReadSessionDep, response: Response) -> ItemRead:
     return answer((await session.execute(ONE, {"id": item_id})).first(), response)
+
+
+async def built_once_table(item_id: int, session: ReadSessionDep, response: Response) -> ItemRead:
+    return answer((await session.execute(ONE_TABLE, {"id": item_id})).first(), response)
 
 
 async def built_once_entity(item_id: int, session: ReadSessionDep, response: Response) -> ItemRead:
@@ -108,6 +119,10 @@ async def post_raw(body: ItemCreate, session: SessionDep, response: Response) ->
     return answer((await session.execute(INSERT_RAW, body.model_dump())).one(), response)
 
 
+async def post_table(body: ItemCreate, session: SessionDep, response: Response) -> ItemRead:
+    return answer((await session.execute(INSERT_TABLE, body.model_dump())).one(), response)
+
+
 async def post_connection(body: ItemCreate, session: SessionDep, response: Response) -> ItemRead:
     connection = await session.connection()
     return answer((await connection.execute(INSERT, body.model_dump())).one(), response)
@@ -117,6 +132,7 @@ ROUTES: dict[str, Callable[..., Any]] = {
     "session-get": session_get,
     "built-select": built_select,
     "built-once": built_once,
+    "built-once-table": built_once_table,
     "built-once-entity": built_once_entity,
     "connection-dependency": on_connection,
     "connection-in-handler": in_handler,
@@ -130,5 +146,6 @@ def create_app() -> FastAPI:
     app.add_api_route("/post-orm", post_orm, methods=["POST"], status_code=201)
     app.add_api_route("/post-core", post_core, methods=["POST"], status_code=201)
     app.add_api_route("/post-raw", post_raw, methods=["POST"], status_code=201)
+    app.add_api_route("/post-table", post_table, methods=["POST"], status_code=201)
     app.add_api_route("/post-connection", post_connection, methods=["POST"], status_code=201)
     return app
