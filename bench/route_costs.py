@@ -65,7 +65,8 @@ def measure(pid: int, route: str, seconds: int, work: Path) -> tuple[int, int, s
     report = load(route, seconds, work)
     used = cpu_seconds(pid) - before
     found = re.search(r"(\d+) requests in", report)
-    p99 = re.search(r"99%\s+(\S+)", report)
+    # The latency distribution's line: "99%" also ends figures like "80.99%" above it.
+    p99 = re.search(r"^\s*99%\s+(\S+)", report, re.M)
     if found is None or p99 is None or "Non-2xx" in report:
         raise SystemExit(f"{route}: wrk reported errors or no requests:\n{report}")
     requests = int(found.group(1))
